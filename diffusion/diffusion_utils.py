@@ -1,0 +1,109 @@
+"""DDPM math (Ho et al. 2020): the noise schedule, q(x_t | x_0), the posterior, and the loss.
+
+Notation (paper symbol -> name here):
+    beta_t                          beta
+    alpha_t = 1 - beta_t            alpha
+    alpha_bar_t = prod_{s<=t} alpha alpha_bar
+    alpha_bar_{t-1}                 alpha_bar_prev (1 before the first step)
+    beta~_t (Eq. 7)                 posterior_var
+    x_0, x_t, epsilon               x0, xt, eps
+
+Convention that trips people up: t is 0-indexed. Index t = 0 is the paper's t = 1 and
+t = T - 1 is the paper's t = T. The network is trained and sampled on exactly these indices.
+Schedules are computed in float64 and stored in float32 (or any dtype asked for).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # eps = model(xt, t)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The per-timestep constants of a diffusion process; plain 1-D tensors of length T."""
+
+    beta: torch.Tensor
+    alpha: torch.Tensor
+    alpha_bar: torch.Tensor
+    alpha_bar_prev: torch.Tensor
+    posterior_var: torch.Tensor
+
+    @property
+    def T(self) -> int:
+        return self.beta.shape[0]
+
+    def to(self, device: torch.device | str) -> "Schedule":
+        return Schedule(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02 (scaled so any T keeps the same ends)."""
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_betas(T: int, s: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) pi/2), betas clipped at 0.999."""
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+
+
+def make_schedule(kind: str = "linear", T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                  dtype: torch.dtype = torch.float32) -> Schedule:
+    """Build a Schedule in float64, store it in `dtype`."""
+    beta = linear_betas(T, beta_start, beta_end) if kind == "linear" else cosine_betas(T)
+    alpha = 1 - beta
+    alpha_bar = torch.cumprod(alpha, dim=0)
+    alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    posterior_var = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)  # Eq. 7
+    return Schedule(*(v.to(dtype) for v in (beta, alpha, alpha_bar, alpha_bar_prev, posterior_var)))
+
+
+def schedule_from_config(cfg) -> Schedule:
+    return make_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
+
+
+def at(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """values[t] shaped to broadcast against a batch x of shape (B, ...)."""
+    return values[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
+    """Sample q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), Eq. 4."""
+    return at(s.alpha_bar, t, x0).sqrt() * x0 + (1 - at(s.alpha_bar, t, x0)).sqrt() * eps
+
+
+def predict_x0(xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
+    """Invert Eq. 4 for x_0 given the noise: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+    return (xt - (1 - at(s.alpha_bar, t, xt)).sqrt() * eps) / at(s.alpha_bar, t, xt).sqrt()
+
+
+def predict_eps(xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, s: Schedule) -> torch.Tensor:
+    """Invert Eq. 4 for the noise given x_0."""
+    return (xt - at(s.alpha_bar, t, xt).sqrt() * x0) / (1 - at(s.alpha_bar, t, xt)).sqrt()
+
+
+def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, s: Schedule):
+    """Mean and variance of q(x_{t-1} | x_t, x_0), Eqs. 6-7."""
+    ab_prev = at(s.alpha_bar_prev, t, xt)
+    coef_x0 = ab_prev.sqrt() * at(s.beta, t, xt) / (1 - at(s.alpha_bar, t, xt))
+    coef_xt = at(s.alpha, t, xt).sqrt() * (1 - ab_prev) / (1 - at(s.alpha_bar, t, xt))
+    return coef_x0 * x0 + coef_xt * xt, at(s.posterior_var, t, xt)
+
+
+def p_mean_algorithm2(xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
+    """Algorithm 2's mean: (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t), Eq. 11."""
+    return (xt - at(s.beta, t, xt) / (1 - at(s.alpha_bar, t, xt)).sqrt() * eps) / at(s.alpha, t, xt).sqrt()
+
+
+def diffusion_loss(model: EpsModel, x0: torch.Tensor, s: Schedule, generator: torch.Generator | None = None):
+    """L_simple, Algorithm 1: || eps - eps_theta(sqrt(ab) x0 + sqrt(1 - ab) eps, t) ||^2, t uniform."""
+    t = torch.randint(0, s.T, (x0.shape[0],), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+    return F.mse_loss(model(q_sample(x0, t, eps, s), t).float(), eps)

@@ -1,0 +1,137 @@
+"""The noise-predicting U-Net: (x_t, t, label) -> eps, for native 28x28 inputs (28 -> 14 -> 7)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017), shape (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(8, channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time(+label) embedding added in between."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.conv1 = nn.Sequential(norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, c_out))
+        self.conv2 = nn.Sequential(norm(c_out), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, padding=1))
+        nn.init.zeros_(self.conv2[-1].weight)  # each block starts as the identity
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x) + self.emb(emb)[:, :, None, None]
+        return self.skip(x) + self.conv2(h)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the pixels of a (small) feature map, with a residual."""
+
+    def __init__(self, channels: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm = norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
+        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Level(nn.Module):
+    """Residual blocks at one resolution, each optionally followed by attention."""
+
+    def __init__(self, c_ins: list[int], c_out: int, emb_dim: int, dropout: float, attention: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(c, c_out, emb_dim, dropout) for c in c_ins)
+        self.attn = nn.ModuleList(Attention(c_out) if attention else nn.Identity() for _ in c_ins)
+
+
+class UNet(nn.Module):
+    """U-Net epsilon-predictor. forward(x (B,C,H,W), t (B,) int, y (B,) int or None) -> (B,C,H,W)."""
+
+    def __init__(self, channels: int = 1, image_size: int = 28, base_channels: int = 32,
+                 channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
+                 attention_resolutions: tuple[int, ...] = (7,), num_classes: int = 10, dropout: float = 0.0):
+        super().__init__()
+        self.factor = 2 ** (len(channel_mults) - 1)
+        assert image_size % self.factor == 0, f"image size {image_size} must divide by {self.factor}"
+        self.base, self.num_classes = base_channels, num_classes
+        emb_dim = 4 * base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # one extra "no label" class (index num_classes) for classifier-free guidance
+        self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.conv_in = nn.Conv2d(channels, base_channels, 3, padding=1)
+
+        widths = [base_channels * m for m in channel_mults]
+        self.down, self.downsample, skips = nn.ModuleList(), nn.ModuleList(), [base_channels]
+        c, res = base_channels, image_size
+        for i, w in enumerate(widths):
+            self.down.append(Level([c] + [w] * (num_res_blocks - 1), w, emb_dim, dropout, res in attention_resolutions))
+            skips += [w] * num_res_blocks
+            c = w
+            if i + 1 < len(widths):
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+                res //= 2
+        self.mid = Level([c, c], c, emb_dim, dropout, attention=False)
+        self.mid_attn = Attention(c)
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            c_ins = []
+            for _ in range(num_res_blocks + 1):
+                c_ins.append(c + skips.pop())
+                c = w
+            self.up.append(Level(c_ins, w, emb_dim, dropout, res in attention_resolutions))
+            if i > 0:
+                self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                                   nn.Conv2d(c, c, 3, padding=1)))
+                res *= 2
+        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        assert x.shape[-1] % self.factor == 0 and x.shape[-2] % self.factor == 0, "input size must divide by the U-Net factor"
+        emb = self.time_mlp(timestep_embedding(t, self.base))
+        if self.label_emb is not None:
+            y = torch.full_like(t, self.num_classes) if y is None else y
+            emb = emb + self.label_emb(y)
+        h = self.conv_in(x)
+        skips = [h]
+        for i, level in enumerate(self.down):
+            for block, attn in zip(level.blocks, level.attn):
+                h = attn(block(h, emb))
+                skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)  # (B, C, H/2, W/2)
+                skips.append(h)
+        h = self.mid_attn(self.mid.blocks[0](h, emb))
+        h = self.mid.blocks[1](h, emb)
+        for i, level in enumerate(self.up):
+            for block, attn in zip(level.blocks, level.attn):
+                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+            if i < len(self.upsample):
+                h = self.upsample[i](h)
+        return self.out(h)
+
+
+def build_model(cfg) -> UNet:
+    return UNet(cfg.channels, cfg.image_size, cfg.base_channels, cfg.channel_mults, cfg.num_res_blocks,
+                cfg.attention_resolutions, cfg.num_classes, cfg.dropout)

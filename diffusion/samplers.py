@@ -1,0 +1,111 @@
+"""Samplers as pure functions sharing one signature: sample_*(model, x_T, schedule, steps, ...).
+
+`model` is anything with eps = model(xt, t): the U-Net, its EMA copy, or a guidance closure
+(see `guided`). `callback(i, xt, x0_pred)` is called after each step (progress bars, animations).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from diffusion.diffusion_utils import EpsModel, Schedule, predict_x0, q_posterior
+
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+
+
+def spaced_timesteps(T: int, steps: int) -> list[int]:
+    """`steps` indices from T-1 (the last trained step) down to 0, evenly spaced."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    return torch.linspace(T - 1, 0, steps).round().long().tolist()
+
+
+def _denoise(model: EpsModel, x: torch.Tensor, t: int, s: Schedule, clip_x0: bool):
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    eps = model(x, tt).to(x.dtype)
+    x0 = predict_x0(x, tt, eps, s)
+    if clip_x0:  # clip, then make eps consistent with the clipped x0 (Song et al. 2021 do the same)
+        x0 = x0.clamp(-1, 1)
+        eps = (x - s.alpha_bar[t].sqrt() * x0) / (1 - s.alpha_bar[t]).sqrt()
+    return tt, eps, x0
+
+
+@torch.inference_mode()
+def sample_ddpm(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int | None = None, *,
+                generator: torch.Generator | None = None, callback: Callback = None,
+                clip_x0: bool = True, variance: str = "posterior", **_) -> torch.Tensor:
+    """Ancestral sampling over all T steps, Algorithm 2, written as q(x_{t-1} | x_t, x0_pred)."""
+    for i, t in enumerate(range(s.T - 1, -1, -1)):
+        tt, _, x0 = _denoise(model, x, t, s, clip_x0)
+        mean, var = q_posterior(x0, x, tt, s)  # without clipping this equals Eq. 11's mean
+        if variance == "beta":  # sigma_t^2 = beta_t, the paper's other choice
+            var = s.beta[t].to(x.dtype)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        x = mean + (var.sqrt() * noise if t > 0 else 0)
+        if callback:
+            callback(i, x, x0)
+    return x
+
+
+@torch.inference_mode()
+def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 50, *,
+                generator: torch.Generator | None = None, callback: Callback = None,
+                clip_x0: bool = True, eta: float = 0.0, **_) -> torch.Tensor:
+    """DDIM, Song et al. 2021, Eq. 12: eta = 0 is deterministic, eta = 1 has DDPM's posterior variance."""
+    ts = spaced_timesteps(s.T, steps)
+    for i, t in enumerate(ts):
+        _, eps, x0 = _denoise(model, x, t, s, clip_x0)
+        ab, ab_prev = s.alpha_bar[t], (s.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(s.alpha_bar[t]))
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0 and i + 1 < len(ts):
+            x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        if callback:
+            callback(i, x, x0)
+    return x
+
+
+@torch.inference_mode()
+def sample_dpmpp(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 20, *,
+                 generator: torch.Generator | None = None, callback: Callback = None,
+                 clip_x0: bool = True, **_) -> torch.Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (multistep, data prediction); last step first-order."""
+    ts = spaced_timesteps(s.T, steps)
+    alpha, sigma = s.alpha_bar.sqrt(), (1 - s.alpha_bar).sqrt()
+    lam = (alpha / sigma).log()  # lambda_t = log(alpha_t / sigma_t), half the log-SNR
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(ts):
+        _, _, x0 = _denoise(model, x, t, s, clip_x0)
+        if i + 1 == len(ts):  # final step to sigma = 0: the solution is the data prediction itself
+            x = x0
+        else:
+            u = ts[i + 1]
+            h = lam[u] - lam[t]
+            # D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1} with r = h_prev / h; plain x0 on the first step
+            d = x0 if x0_prev is None else x0 + h / (2 * h_prev) * (x0 - x0_prev)
+            x = (sigma[u] / sigma[t]) * x - alpha[u] * torch.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback:
+            callback(i, x, x0)
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp}
+
+
+def guided(net: torch.nn.Module, labels: torch.Tensor | None, w: float, null_label: int) -> EpsModel:
+    """Classifier-free guidance (Ho & Salimans 2022) as a closure: eps_u + w (eps_c - eps_u).
+
+    w = 1 is the conditional model, w = 0 the unconditional one. labels=None samples unconditionally.
+    Conditional and unconditional inputs go through the network as one batch.
+    """
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        null = torch.full((x.shape[0],), null_label, device=x.device, dtype=torch.long)
+        if labels is None or w == 0:
+            return net(x, t, null)
+        if w == 1:
+            return net(x, t, labels)
+        eps_c, eps_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+        return eps_u + w * (eps_c - eps_u)
+    return model

@@ -1,0 +1,293 @@
+"""The training loop: Algorithm 1 with AdamW, warm-up, gradient clipping, EMA, and safe checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from diffusion.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from diffusion.config import Config, resolve_device
+from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
+from diffusion.diffusion_utils import diffusion_loss, schedule_from_config
+from diffusion.errors import UserError
+from diffusion.model import build_model
+
+
+def ema_multi_avg_fn(decay: float):
+    """EMA with warm-up, decay_n = min(decay, (1 + n) / (10 + n)), on whole parameter lists, no host sync."""
+    @torch.no_grad()
+    def update(ema_params, params, n_averaged):
+        d = torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay).to(params[0].dtype)
+        torch._foreach_mul_(ema_params, d)
+        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - d))
+    return update
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up to the peak learning rate, then cosine decay to zero at the last step."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
+class StopFlag:
+    """Turns SIGINT / SIGTERM into a flag the loop checks, so it can save before exiting."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _set(self, signum, _frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins torchrun's process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg.device)
+    if world == 1:
+        return 0, 1, device
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} must divide by the {world} processes")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """Everything a training run owns: model, EMA, optimizer, schedule, data and counters."""
+
+    def __init__(self, cfg: Config, rank: int = 0, world: int = 1, device: torch.device | None = None):
+        self.rank, self.world = rank, world
+        self.device = device or resolve_device(cfg.device)
+        self.images, self.labels = load_images(cfg, train=True)
+        shape = dataset_shape(self.images, self.labels)
+        if cfg.num_classes == 0:  # unconditional training stays available
+            shape["num_classes"] = 0
+        self.cfg = cfg = dataclasses.replace(cfg, **shape)
+        self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay))
+        self.ema.requires_grad_(False)
+        self.net = self.model
+        if world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        self.steps_per_epoch = num_batches(len(self.images) // world, cfg.batch_size // world)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(cfg.warmup_steps, cfg.epochs * self.steps_per_epoch))
+        self.schedule = schedule_from_config(cfg).to(self.device)
+        self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + rank)  # t, noise, label drops
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.epoch_loss = torch.zeros((), device=self.device)
+        self.history: list[dict] = []
+
+    # --- checkpoints ---
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
+                "ema_n": self.ema.n_averaged, "optimizer": self.opt.state_dict(),
+                "lr_schedule": self.sched.state_dict(), "epoch": self.epoch, "step": self.step,
+                "batch_in_epoch": self.batch_in_epoch, "epoch_loss": self.epoch_loss,
+                "generator": self.gen.get_state(), "rng": rng_state(), "history": self.history,
+                "config": self.cfg.to_dict()}
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path, self.device)
+        load_weights(self.model, state["model"], path)
+        load_weights(self.ema.module, state["ema"], path)
+        try:
+            self.ema.n_averaged.copy_(state["ema_n"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["lr_schedule"])
+            self.gen.set_state(state["generator"].cpu())
+            set_rng_state(state["rng"])
+            self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+            self.epoch_loss = state["epoch_loss"].to(self.device)
+            self.history = state["history"]
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise UserError(f"{path} cannot resume training (it lacks or mismatches optimizer state: {err})") from None
+
+    def save(self, name: str) -> Path:
+        path = Path(self.cfg.ckpt_dir) / name
+        save_checkpoint(self.state(), path, self.cfg.keep_last if name.startswith("epoch_") else 0)
+        return path
+
+    # --- one step of Algorithm 1 ---
+    def train_step(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        if cfg.num_classes:  # drop labels to "no label" so one net learns both eps_c and eps_u
+            drop = torch.rand(y.shape, device=y.device, generator=self.gen) < cfg.p_uncond
+            y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp_enabled(cfg, self.device)):
+            loss = diffusion_loss(lambda xt, t: self.net(xt, t, y if cfg.num_classes else None),
+                                  x0, self.schedule, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.ema.update_parameters(self.model)
+        return loss.detach()
+
+
+def amp_enabled(cfg: Config, device: torch.device) -> bool:
+    """bf16 autocast: 'auto' only on CUDA (on the CPUs measured here bf16 convolutions were slower)."""
+    if cfg.amp == "auto":
+        return device.type == "cuda"
+    return cfg.amp == "bf16" and device.type in ("cpu", "cuda")
+
+
+def all_reduce_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def train_one_epoch(run: Run, stop: StopFlag) -> bool:
+    """Run the rest of the current epoch; False when a signal asked to stop (state is saved by the caller)."""
+    cfg = run.cfg
+    order = epoch_order(len(run.images), cfg.seed, run.epoch, run.rank, run.world)
+    bad_step = torch.full((), -1, device=run.device)  # first step with a non-finite loss, kept on device
+    bar = tqdm(batches(run.images, run.labels, order, cfg.batch_size // run.world, run.batch_in_epoch),
+               total=run.steps_per_epoch, initial=run.batch_in_epoch, disable=run.rank != 0,
+               desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True)
+    for x0, y in bar:
+        loss = run.train_step(x0, y)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)
+        run.epoch_loss += loss
+        run.step += 1
+        run.batch_in_epoch += 1
+        if run.step % cfg.log_every == 0 or run.batch_in_epoch == run.steps_per_epoch:
+            # a host sync point: read the loss, check for NaN and for a stop signal from any rank
+            check_finite(bad_step, run)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
+        if stop_requested(stop, run):
+            return False
+    check_finite(bad_step, run)
+    return True
+
+
+def stop_requested(stop: StopFlag, run: Run) -> bool:
+    if run.world == 1:
+        return stop.signum != 0
+    if run.step % run.cfg.log_every:  # ranks agree only at sync points, so all stop at the same step
+        return False
+    flag = torch.tensor(float(stop.signum), device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() != 0
+
+
+def check_finite(bad_step: torch.Tensor, run: Run) -> None:
+    step = int(bad_step.item())
+    if step >= 0:
+        last = _describe_latest(run.cfg.ckpt_dir)
+        raise UserError(f"loss became non-finite at step {step + 1} (epoch {run.epoch + 1}); stopped without "
+                        f"saving. Last good checkpoint: {last}. Try a lower --lr or --grad-clip")
+
+
+def _describe_latest(ckpt_dir: str) -> str:
+    try:
+        return str(latest_checkpoint(Path(ckpt_dir)))
+    except UserError:
+        return "none yet"
+
+
+def end_of_epoch(run: Run, seconds: float, images_seen: int) -> None:
+    """Print and log the epoch's mean loss, save its checkpoint and pictures (rank 0 only writes)."""
+    mean_loss = all_reduce_sum(run.epoch_loss.clone(), run.world).item() / (run.steps_per_epoch * run.world)
+    run.epoch += 1
+    run.batch_in_epoch = 0
+    run.epoch_loss.zero_()
+    record = {"epoch": run.epoch, "step": run.step, "loss": round(mean_loss, 6),
+              "lr": run.sched.get_last_lr()[0], "seconds": round(seconds, 2),
+              "images_per_s": round(images_seen / seconds, 1)}
+    run.history.append(record)
+    if run.rank != 0:
+        return
+    path = run.save(f"epoch_{run.epoch:03d}.pth")
+    tqdm.write(f"epoch {run.epoch}/{run.cfg.epochs}  mean loss {mean_loss:.4f}  "
+               f"{record['images_per_s']:.0f} images/s  {seconds:.0f}s  -> {path}")
+    write_pictures(run, record)
+
+
+def write_pictures(run: Run, record: dict) -> None:
+    from diffusion.visuals import save_loss_curve, save_preview_grid  # matplotlib loads only when used
+
+    out = Path(run.cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    save_loss_curve(run.history, out / "loss_curve.png")
+    if run.cfg.sample_every and run.epoch % run.cfg.sample_every == 0:
+        save_preview_grid(run.ema.module, run.cfg, run.device, out / f"epoch_{run.epoch:03d}.png")
+
+
+def train(cfg: Config, resume: str | None = None) -> Run:
+    """Train for cfg.epochs, resuming from a checkpoint path or 'latest' when asked."""
+    rank, world, device = setup_distributed(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Run(cfg, rank, world, device)
+    if resume:
+        path = latest_checkpoint(Path(cfg.ckpt_dir)) if resume == "latest" else Path(resume)
+        run.load(path)
+        if rank == 0:
+            print(f"resumed from {path} at epoch {run.epoch}, step {run.step}")
+    stop = StopFlag()
+    try:
+        while run.epoch < run.cfg.epochs:
+            t0, done_before = time.perf_counter(), run.batch_in_epoch
+            if not train_one_epoch(run, stop):
+                if rank == 0:
+                    path = run.save("interrupted.pth")
+                    print(f"\nstopped by {signal.Signals(stop.signum).name}: saved {path} "
+                          f"(epoch {run.epoch + 1}, step {run.step}); continue with --resume")
+                raise SystemExit(128 + stop.signum)
+            seen = (run.batch_in_epoch - done_before) * cfg.batch_size
+            end_of_epoch(run, time.perf_counter() - t0, min(seen, len(run.images) * world))
+    finally:
+        stop.restore()
+        if world > 1:
+            dist.destroy_process_group()
+    return run

@@ -1,0 +1,65 @@
+"""Pictures: sample grids, the loss curve, and the denoising animation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from diffusion.dataloader import to_uint8
+
+
+def save_grid(x: torch.Tensor, path: Path, nrow: int = 4) -> None:
+    """Save images in [-1, 1] as one grid PNG."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(x.float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
+
+
+def save_preview_grid(net: torch.nn.Module, cfg, device: torch.device, path: Path) -> None:
+    """A fixed-seed grid from the EMA weights: two per class when conditional, else 20 samples."""
+    from diffusion.sampling import generate
+
+    n = 20
+    labels = torch.arange(n, device=device) % cfg.num_classes if cfg.num_classes else None
+    x = generate(net, cfg, n, labels, device, seed=1234, progress=False)
+    save_grid(x, path, nrow=10)
+
+
+def save_loss_curve(history: list[dict], path: Path) -> None:
+    """Mean training loss per epoch as a PNG (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
+    ax.set(xlabel="epoch", ylabel="mean L_simple", title="training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class Animation:
+    """Collects frames of the reverse process from a sampler callback and writes an animated GIF."""
+
+    def __init__(self, total_steps: int, nrow: int, with_x0: bool = False, frames: int = 40):
+        self.every = max(1, total_steps // frames)
+        self.total, self.nrow, self.with_x0 = total_steps, nrow, with_x0
+        self.frames: list = []
+
+    def __call__(self, i: int, xt: torch.Tensor, x0: torch.Tensor) -> None:
+        if i % self.every and i != self.total - 1:
+            return
+        grid = make_grid(to_uint8(xt).cpu(), nrow=self.nrow, padding=2, pad_value=255)
+        if self.with_x0:  # x_t on the left, the network's current guess of x_0 on the right
+            grid = torch.cat([grid, make_grid(to_uint8(x0).cpu(), nrow=self.nrow, padding=2, pad_value=255)], dim=2)
+        self.frames.append(grid)
+
+    def save(self, path: Path, ms_per_frame: int = 80) -> None:
+        from torchvision.transforms.functional import to_pil_image
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        images = [to_pil_image(f) for f in self.frames] + [to_pil_image(self.frames[-1])] * 12  # hold the end
+        images[0].save(path, save_all=True, append_images=images[1:], duration=ms_per_frame, loop=0)
