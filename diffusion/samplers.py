@@ -21,6 +21,16 @@ def spaced_timesteps(T: int, steps: int) -> list[int]:
     return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
 
+def logsnr_timesteps(s: Schedule, steps: int) -> list[int]:
+    """Indices from T-1 to 0 evenly spaced in lambda = log(alpha/sigma), as DPM-Solver recommends for
+    small images; with the linear schedule uniform-in-t spacing puts most of lambda's change in the last
+    step, where the second-order correction then overshoots. Repeats (near t = 0) are dropped."""
+    lam = 0.5 * (s.alpha_bar.double() / (1 - s.alpha_bar.double())).log()
+    targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+    nearest = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+    return sorted(set(nearest), reverse=True)
+
+
 def _denoise(model: EpsModel, x: torch.Tensor, t: int, s: Schedule, clip_x0: bool):
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     eps = model(x, tt).to(x.dtype)
@@ -48,6 +58,12 @@ def sample_ddpm(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int | None
     return x
 
 
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, ab_prev: torch.Tensor, eta: float):
+    """Mean and std of one DDIM step from alpha_bar = ab to ab_prev, Song et al. 2021, Eqs. 12 and 16."""
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+    return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps, sigma
+
+
 @torch.inference_mode()
 def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 50, *,
                 generator: torch.Generator | None = None, callback: Callback = None,
@@ -56,9 +72,8 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 50, 
     ts = spaced_timesteps(s.T, steps)
     for i, t in enumerate(ts):
         _, eps, x0 = _denoise(model, x, t, s, clip_x0)
-        ab, ab_prev = s.alpha_bar[t], (s.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(s.alpha_bar[t]))
-        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps
+        ab_prev = s.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(s.alpha_bar[t])
+        x, sigma = ddim_step(x0, eps, s.alpha_bar[t], ab_prev, eta)
         if eta > 0 and i + 1 < len(ts):
             x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         if callback:
@@ -70,8 +85,8 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 50, 
 def sample_dpmpp(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 20, *,
                  generator: torch.Generator | None = None, callback: Callback = None,
                  clip_x0: bool = True, **_) -> torch.Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (multistep, data prediction); last step first-order."""
-    ts = spaced_timesteps(s.T, steps)
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (multistep, data prediction), log-SNR spacing."""
+    ts = logsnr_timesteps(s, steps)
     alpha, sigma = s.alpha_bar.sqrt(), (1 - s.alpha_bar).sqrt()
     lam = (alpha / sigma).log()  # lambda_t = log(alpha_t / sigma_t), half the log-SNR
     x0_prev, h_prev = None, None

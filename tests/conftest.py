@@ -1,0 +1,58 @@
+"""Shared fixtures: real MNIST from ../shared/data when present, else a small generated stand-in."""
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def write_idx(path: Path, array: torch.Tensor) -> None:
+    """Write a uint8 tensor in MNIST's IDX format (magic 0x08 = uint8, then the dimensions)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, array.dim()) + struct.pack(f">{array.dim()}I", *array.shape))
+        f.write(array.to(torch.uint8).numpy().tobytes())
+
+
+def fake_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 28x28 images: class k is a bright bar at a class-specific place, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.rand(n, 28, 28, generator=g) * 40
+    for i, k in enumerate(labels.tolist()):
+        images[i, 4 + 2 * k: 7 + 2 * k, 6:22] = 255
+    return images.to(torch.uint8), labels.to(torch.uint8)
+
+
+def make_fake_mnist(root: Path, folder: str = "MNIST", n_train: int = 512, n_test: int = 128) -> Path:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = fake_digits(n, seed)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """Real MNIST when the shared folder has it, otherwise generated IDX files in the same layout."""
+    if (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+        return SHARED_DATA
+    return make_fake_mnist(tmp_path_factory.mktemp("data"))
+
+
+TINY = ["--base-channels", "8", "--channel-mults", "1", "2", "--timesteps", "50", "--limit-train", "256",
+        "--batch-size", "64", "--sample-steps", "4", "--warmup-steps", "2", "--log-every", "2"]
+
+
+def run_cli(module: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m module args` as a user would; returns the completed process."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)

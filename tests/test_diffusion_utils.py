@@ -1,0 +1,109 @@
+"""The DDPM math against closed forms, in float64 on tiny shapes."""
+import math
+
+import pytest
+import torch
+
+from diffusion.diffusion_utils import (make_schedule, p_mean_algorithm2, predict_eps, predict_x0, q_posterior,
+                                       q_sample)
+from diffusion.samplers import sample_ddpm
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def s():
+    return make_schedule("linear", 1000, dtype=F64)
+
+
+def gaussian_oracle(mu: float, std: float, s):
+    """The optimal eps(x_t, t) = E[eps | x_t] when x_0 ~ N(mu, std^2): x_t is jointly Gaussian with eps."""
+    def model(xt, t):
+        ab = s.alpha_bar[t].view(-1, *([1] * (xt.dim() - 1)))
+        return (1 - ab).sqrt() * (xt - ab.sqrt() * mu) / (ab * std**2 + 1 - ab)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_identities(kind):
+    s = make_schedule(kind, 1000, dtype=F64)
+    assert torch.allclose(s.alpha_bar, torch.cumprod(1 - s.beta, 0))
+    assert torch.allclose(s.alpha, 1 - s.beta)
+    assert torch.all(s.alpha_bar[1:] < s.alpha_bar[:-1]), "alpha_bar must strictly decrease"
+    assert s.alpha_bar_prev[0] == 1 and torch.equal(s.alpha_bar_prev[1:], s.alpha_bar[:-1])
+    assert s.posterior_var[0] == 0  # q(x_0 | x_1, x_0) is a point mass
+    assert s.alpha_bar[-1] < 1e-4, "x_T must be close to N(0, I)"
+
+
+def test_linear_schedule_matches_paper(s):
+    assert s.beta[0].item() == pytest.approx(1e-4) and s.beta[-1].item() == pytest.approx(0.02)
+    closed = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / 999) for i in range(1000))
+    assert s.alpha_bar[-1].item() == pytest.approx(closed, rel=1e-9)
+    assert s.alpha_bar[-1].item() == pytest.approx(4.0e-5, rel=0.02)
+
+
+def test_schedule_stored_float32_by_default():
+    assert make_schedule().beta.dtype == torch.float32
+
+
+@pytest.mark.parametrize("t", [0, 10, 250, 999])
+def test_q_sample_moments_match_iterated_forward_process(s, t):
+    mu0, var0 = 0.7, 0.0  # a point mass at 0.7
+    mean, var = mu0, var0
+    for i in range(t + 1):  # iterate q(x_i | x_{i-1}) = N(sqrt(alpha_i) x_{i-1}, beta_i)
+        mean, var = s.alpha[i].sqrt().item() * mean, s.alpha[i].item() * var + s.beta[i].item()
+    n = 200_000
+    g = torch.Generator().manual_seed(t)
+    x0 = torch.full((n, 1), mu0, dtype=F64)
+    xt = q_sample(x0, torch.full((n,), t), torch.randn(n, 1, generator=g, dtype=F64), s)
+    se = math.sqrt(var / n)
+    assert abs(xt.mean().item() - mean) < 5 * se
+    assert abs(xt.var().item() - var) < 5 * var * math.sqrt(2 / n)
+
+
+@pytest.mark.parametrize("t", [1, 2, 100, 999])
+def test_posterior_matches_bayes_rule(s, t):
+    """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): precisions add, means weight by precision."""
+    g = torch.Generator().manual_seed(0)
+    x0, xt = torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, 3, generator=g, dtype=F64)
+    a, b, ab_prev = s.alpha[t], s.beta[t], s.alpha_bar[t - 1]
+    prec_lik, prec_prior = a / b, 1 / (1 - ab_prev)  # x_t = sqrt(a) x_{t-1} + sqrt(b) eps
+    var = 1 / (prec_lik + prec_prior)
+    mean = var * (a.sqrt() / b * xt + ab_prev.sqrt() / (1 - ab_prev) * x0)
+    got_mean, got_var = q_posterior(x0, xt, torch.full((4,), t), s)
+    assert torch.allclose(got_mean, mean, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got_var.flatten(), var.expand(4), rtol=1e-10)
+
+
+def test_predict_x0_round_trip(s):
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.rand(8, 1, 4, 4, generator=g, dtype=F64) * 2 - 1, torch.randn(8, 1, 4, 4, generator=g, dtype=F64)
+    t = torch.tensor([0, 1, 5, 50, 300, 600, 900, 999])
+    xt = q_sample(x0, t, eps, s)
+    assert torch.allclose(predict_x0(xt, t, eps, s), x0, atol=1e-9)
+    assert torch.allclose(predict_eps(xt, t, x0, s), eps, atol=1e-9)
+
+
+def test_algorithm2_mean_equals_posterior_mean_at_predicted_x0(s):
+    g = torch.Generator().manual_seed(2)
+    xt, eps = torch.randn(6, 1, 3, 3, generator=g, dtype=F64), torch.randn(6, 1, 3, 3, generator=g, dtype=F64)
+    t = torch.tensor([0, 1, 10, 400, 800, 999])
+    mean, _ = q_posterior(predict_x0(xt, t, eps, s), xt, t, s)
+    assert torch.allclose(p_mean_algorithm2(xt, t, eps, s), mean, atol=1e-9)
+
+
+def test_ddpm_sampler_with_oracle_recovers_gaussian_data(s):
+    mu, std = 0.3, 0.5
+    x = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(3), dtype=F64)
+    out = sample_ddpm(gaussian_oracle(mu, std, s), x, s, generator=torch.Generator().manual_seed(4), clip_x0=False)
+    assert out.mean().item() == pytest.approx(mu, abs=0.02)
+    assert out.std().item() == pytest.approx(std, rel=0.04)
+
+
+def test_ddpm_beta_variance_option_also_recovers_data(s):
+    mu, std = -0.2, 0.4
+    x = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(5), dtype=F64)
+    out = sample_ddpm(gaussian_oracle(mu, std, s), x, s, generator=torch.Generator().manual_seed(6),
+                      clip_x0=False, variance="beta")
+    assert out.mean().item() == pytest.approx(mu, abs=0.02)
+    assert out.std().item() == pytest.approx(std, rel=0.06)
