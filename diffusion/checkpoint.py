@@ -74,6 +74,8 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or foreign
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): not a torch.save archive")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -86,6 +88,21 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a checkpoint of this project (expected keys {', '.join(REQUIRED_KEYS)})")
     return state
+
+
+ARCHITECTURE = ("channels", "image_size", "num_classes", "base_channels", "channel_mults", "num_res_blocks",
+                "attention_resolutions")
+
+
+def check_architecture(saved: dict, cfg, path: Path) -> None:
+    """One line naming the first architecture field where a checkpoint and the config disagree."""
+    for name in ARCHITECTURE:
+        mine, theirs = getattr(cfg, name), saved.get(name)
+        if isinstance(theirs, list):
+            theirs = tuple(theirs)
+        if theirs is not None and mine != theirs:
+            raise UserError(f"{path} was trained with {name}={theirs!r}, but the config asks for {mine!r}; "
+                            f"drop --{name.replace('_', '-')} or use a matching checkpoint")
 
 
 def load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from PIL import Image
 from torchvision import datasets, transforms
 
 from diffusion.errors import UserError
@@ -42,10 +43,12 @@ def dataset_shape(images: torch.Tensor, labels: torch.Tensor) -> dict:
 
 def _open_torchvision(cls, root: Path, train: bool, download: bool):
     folder = root / cls.__name__ / "raw"
-    try:
-        return cls(str(root), train=train, download=False)
-    except RuntimeError:
-        pass  # not on disk: try to download below
+    if all((folder / f).exists() for f in MNIST_FILES):
+        try:
+            return cls(str(root), train=train, download=False)
+        except Exception as err:  # present but truncated or not IDX files
+            raise UserError(f"the {cls.__name__} files in {folder} are unreadable ({type(err).__name__}: "
+                            f"{str(err)[:120]}); replace them with the original IDX files") from None
     if download:
         try:
             return cls(str(root), train=train, download=True)
@@ -77,10 +80,9 @@ def _load_folder(root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         probe = datasets.ImageFolder(str(root))
     except (FileNotFoundError, RuntimeError) as err:
         raise UserError(f"no image folder at {root}: {err}; expected {root}/<class name>/<image files>") from None
-    gray = all(probe.loader(path).mode in ("L", "1") for path, _ in probe.samples[:16])
-    tf = transforms.Compose([transforms.Grayscale() if gray else transforms.Lambda(lambda im: im.convert("RGB")),
-                             transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
-    ds = datasets.ImageFolder(str(root), transform=tf)
+    gray = all(Image.open(path).mode in ("L", "1", "I;16") for path, _ in probe.samples[:16])
+    tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), transforms.PILToTensor()])
+    ds = datasets.ImageFolder(str(root), transform=tf, loader=lambda p: Image.open(p).convert("L" if gray else "RGB"))
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     return images, torch.tensor(ds.targets, dtype=torch.long)
 
@@ -95,12 +97,17 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """This rank's shuffled indices for an epoch; depends only on (seed, epoch), so resume replays it."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    per_rank = n // world  # equal shards, so every rank runs the same number of steps
-    return perm[rank * per_rank:(rank + 1) * per_rank] if world > 1 else perm
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, batch_size: int = 1) -> torch.Tensor:
+    """This rank's shuffled indices for an epoch; depends only on (seed, epoch), so resume replays it.
+
+    With `world` processes, rank r takes the r-th slice of every global batch of `batch_size`, so the
+    union over ranks of step i is exactly the single-process batch i (an incomplete last batch is dropped).
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    if world == 1:
+        return perm
+    full = n // batch_size * batch_size
+    return perm[:full].view(-1, world, batch_size // world)[:, rank].reshape(-1)
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int,

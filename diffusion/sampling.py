@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion.checkpoint import latest_checkpoint, load_checkpoint, load_weights
+from diffusion.checkpoint import check_architecture, latest_checkpoint, load_checkpoint, load_weights
 from diffusion.config import Config, build_parser, config_overrides, from_dict, resolve_device
 from diffusion.dataloader import to_uint8
 from diffusion.diffusion_utils import schedule_from_config
@@ -44,6 +44,7 @@ def load_for_sampling(path: Path, overrides: dict, use_ema: bool = True) -> tupl
     """Rebuild the U-Net from the checkpoint's config (plus command-line overrides) and load its weights."""
     state = load_checkpoint(path)
     cfg = dataclasses.replace(from_dict(state["config"]), **overrides)
+    check_architecture(state["config"], cfg, path)
     device = resolve_device(cfg.device)
     net = build_model(cfg)
     load_weights(net, state["ema" if use_ema else "model"], path)
@@ -66,7 +67,8 @@ def add_sampling_args(parser) -> None:
     parser.add_argument("--checkpoint", default=None, help="checkpoint to load (default: the latest in --ckpt-dir)")
     parser.add_argument("--num-images", type=int, default=16, help="images to generate (per row with --all-digits)")
     parser.add_argument("--digit", type=int, default=None, help="generate this class only (classifier-free guidance)")
-    parser.add_argument("--all-digits", action="store_true", default=False, help="a grid with one row per class")
+    parser.add_argument("--all-digits", action="store_true", default=False,
+                        help="every class: one row per class (sampling), classes in turn (evaluate)")
     parser.add_argument("--steps", dest="sample_steps", type=int, help="alias of --sample-steps")
     parser.add_argument("--no-ema", action="store_true", default=False, help="use the raw weights instead of their EMA")
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from diffusion.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from diffusion.checkpoint import check_architecture, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from diffusion.config import Config, resolve_device
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
 from diffusion.diffusion_utils import diffusion_loss, schedule_from_config
@@ -112,7 +112,7 @@ class Run:
             self.net = torch.compile(self.net)
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-        self.steps_per_epoch = num_batches(len(self.images) // world, cfg.batch_size // world)
+        self.steps_per_epoch = num_batches(len(self.epoch_order(0)), cfg.batch_size // world)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(cfg.warmup_steps, cfg.epochs * self.steps_per_epoch))
         self.schedule = schedule_from_config(cfg).to(self.device)
@@ -120,6 +120,9 @@ class Run:
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.epoch_loss = torch.zeros((), device=self.device)
         self.history: list[dict] = []
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        return epoch_order(len(self.images), self.cfg.seed, epoch, self.rank, self.world, self.cfg.batch_size)
 
     # --- checkpoints ---
     def state(self) -> dict:
@@ -132,6 +135,7 @@ class Run:
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, self.device)
+        check_architecture(state["config"], self.cfg, path)
         load_weights(self.model, state["model"], path)
         load_weights(self.ema.module, state["ema"], path)
         try:
@@ -187,7 +191,7 @@ def all_reduce_sum(x: torch.Tensor, world: int) -> torch.Tensor:
 def train_one_epoch(run: Run, stop: StopFlag) -> bool:
     """Run the rest of the current epoch; False when a signal asked to stop (state is saved by the caller)."""
     cfg = run.cfg
-    order = epoch_order(len(run.images), cfg.seed, run.epoch, run.rank, run.world)
+    order = run.epoch_order(run.epoch)
     bad_step = torch.full((), -1, device=run.device)  # first step with a non-finite loss, kept on device
     bar = tqdm(batches(run.images, run.labels, order, cfg.batch_size // run.world, run.batch_in_epoch),
                total=run.steps_per_epoch, initial=run.batch_in_epoch, disable=run.rank != 0,
@@ -284,8 +288,8 @@ def train(cfg: Config, resume: str | None = None) -> Run:
                     print(f"\nstopped by {signal.Signals(stop.signum).name}: saved {path} "
                           f"(epoch {run.epoch + 1}, step {run.step}); continue with --resume")
                 raise SystemExit(128 + stop.signum)
-            seen = (run.batch_in_epoch - done_before) * cfg.batch_size
-            end_of_epoch(run, time.perf_counter() - t0, min(seen, len(run.images) * world))
+            seen = min((run.steps_per_epoch - done_before) * cfg.batch_size, len(run.images))
+            end_of_epoch(run, time.perf_counter() - t0, seen)
     finally:
         stop.restore()
         if world > 1:

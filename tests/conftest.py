@@ -56,3 +56,19 @@ def run_cli(module: str, *args: str, timeout: float = 300, **kwargs) -> subproce
     """Run `python -m module args` as a user would; returns the completed process."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+
+
+def run_inprocess(capsys, module: str, *args: str) -> subprocess.CompletedProcess:
+    """The same CLI entry point without a new interpreter (saves ~3 s of imports per call)."""
+    import importlib
+
+    from diffusion.errors import run_cli as entry
+
+    capsys.readouterr()
+    try:
+        entry(importlib.import_module(module).main, list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)

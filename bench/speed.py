@@ -1,0 +1,176 @@
+"""Side-by-side speed: training images/s, FLOPs, achieved GFLOP/s vs a measured matmul peak, peak memory,
+and seconds to sample 16 digits. Not a test: run it on an idle machine.
+
+    python bench/speed.py --data-root ../shared/data             # this project's configurations
+    pip install -e ".[bench]" && python bench/speed.py --anchors  # plus diffusers and lucidrains' U-Nets
+
+Each configuration runs in its own process so that peak memory (max RSS) is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+OURS = {  # name: Config overrides
+    "ours: default (16/64/64, 1 block, fp32, channels_last)": {},
+    "ours: default, NCHW": {"channels_last": False},
+    "ours: default, bf16 autocast": {"amp": "bf16"},
+    "ours: 32/64/64, 1 block": {"base_channels": 32, "channel_mults": (1, 2, 2)},
+    "ours: 32/64/64, 2 blocks": {"base_channels": 32, "channel_mults": (1, 2, 2), "num_res_blocks": 2},
+}
+ANCHORS = ("diffusers UNet2DModel (32,64,64), no attention, 32x32",
+           "lucidrains Unet(dim=32, dim_mults=(1,2,4)), 28x28")
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """Achieved fp32 GFLOP/s of an n x n matmul: the practical ceiling for this machine."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def forward_flops(fn, batch: int) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / batch
+
+
+def time_steps(step, steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def ours(name: str, args) -> dict:
+    from diffusion.config import Config
+    from diffusion.train import Run
+
+    cfg = Config(data_root=args.data_root, limit_train=args.batch * 4, batch_size=args.batch, **OURS[name])
+    run = Run(cfg)
+    x0 = run.images[: args.batch].float() / 127.5 - 1
+    y = run.labels[: args.batch]
+    t = torch.randint(0, 1000, (args.batch,))
+    x_in = x0.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x0
+    flops = forward_flops(lambda: run.model(x_in, t, y), args.batch)
+    seconds = time_steps(lambda: run.train_step(x0, y), args.steps)
+    result = {"params": sum(p.numel() for p in run.model.parameters()), "fwd_flops": flops, "step_s": seconds}
+    if name == next(iter(OURS)):
+        result["sampling"] = sampling_times(run.ema.module, cfg)
+    return result
+
+
+def sampling_times(net, cfg) -> dict:
+    """Seconds for 16 guided digits with each sampler (weights do not change the cost)."""
+    import dataclasses
+
+    from diffusion.sampling import generate
+
+    out = {}
+    for sampler, steps in (("dpmpp", 10), ("dpmpp", 20), ("ddim", 50), ("ddpm", 1000)):
+        c = dataclasses.replace(cfg, sampler=sampler, sample_steps=steps)
+        labels = torch.arange(16) % 10
+        generate(net, c, 16, labels, torch.device("cpu"), progress=False) if sampler != "ddpm" else None
+        t0 = time.perf_counter()
+        generate(net, c, 16, labels, torch.device("cpu"), progress=False)
+        out[f"{sampler}-{steps}"] = time.perf_counter() - t0
+    return out
+
+
+def anchor(name: str, args) -> dict:
+    if name.startswith("diffusers"):
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        model = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                            down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
+        sched = DDPMScheduler(num_train_timesteps=1000)
+        x0 = torch.randn(args.batch, 1, 32, 32)
+
+        def loss():
+            noise, t = torch.randn_like(x0), torch.randint(0, 1000, (args.batch,))
+            return F.mse_loss(model(sched.add_noise(x0, noise, t), t).sample, noise)
+        fwd = lambda: model(x0, torch.randint(0, 1000, (args.batch,)))  # noqa: E731
+    else:
+        from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+
+        model = Unet(dim=32, dim_mults=(1, 2, 4), channels=1)
+        diffusion = GaussianDiffusion(model, image_size=28, timesteps=1000)
+        x0 = torch.rand(args.batch, 1, 28, 28)
+        loss = lambda: diffusion(x0)  # noqa: E731
+        fwd = lambda: model(x0, torch.randint(0, 1000, (args.batch,)))  # noqa: E731
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+    flops = forward_flops(fwd, args.batch)
+    return {"params": sum(p.numel() for p in model.parameters()), "fwd_flops": flops,
+            "step_s": time_steps(step, args.steps)}
+
+
+def measure_one(name: str, args) -> dict:
+    result = ours(name, args) if name in OURS else anchor(name, args)
+    result["name"] = name
+    result["images_per_s"] = args.batch / result["step_s"]
+    result["achieved_gflops"] = 3 * result["fwd_flops"] * result["images_per_s"] / 1e9  # backward ~ 2x forward
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=None, help="MNIST root (default: $DIFFUSION_DATA_ROOT or ./data)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=15, help="timed training steps per configuration")
+    parser.add_argument("--anchors", action="store_true", help="also measure diffusers and lucidrains")
+    parser.add_argument("--only", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write all results to this file")
+    args = parser.parse_args()
+    if args.data_root is None:
+        from diffusion.config import Config
+        args.data_root = Config().data_root
+    if args.only:
+        print(json.dumps(measure_one(args.only, args)))
+        return
+    peak = matmul_peak()
+    names = list(OURS) + (list(ANCHORS) if args.anchors else [])
+    results = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--steps", str(args.steps),
+               "--data-root", args.data_root]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{name}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"\nmatmul peak (fp32, 2048x2048, {torch.get_num_threads()} threads): {peak:.0f} GFLOP/s; batch {args.batch}\n")
+    print("| configuration | params | train img/s | fwd GFLOP/img | achieved GFLOP/s | % of peak | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | {r['fwd_flops'] / 1e9:.3f} | "
+              f"{r['achieved_gflops']:.0f} | {100 * r['achieved_gflops'] / peak:.0f}% | {r['peak_rss_mib']:.0f} |")
+    for r in results:
+        if "sampling" in r:
+            print("\nseconds for 16 guided digits (w = 2): " +
+                  ", ".join(f"{k} {v:.2f} s" for k, v in r["sampling"].items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"matmul_peak_gflops": peak, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Every class of bad input: one line on stderr, exit code 2, no traceback, nothing lost."""
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion.checkpoint import load_checkpoint, save_checkpoint
+from diffusion.errors import UserError
+from tests.conftest import TINY, make_fake_mnist, run_cli, run_inprocess
+
+
+def assert_clean_error(res, needle: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, data_root):
+    work = tmp_path_factory.mktemp("bad")
+    res = run_cli("diffusion.main", *TINY, "--epochs", "1", "--sample-every", "0", "--data-root", str(data_root),
+                  "--ckpt-dir", str(work), "--out-dir", str(work / "out"))
+    assert res.returncode == 0, res.stderr
+    return work / "epoch_001.pth"
+
+
+def test_missing_data_names_path_and_files(tmp_path):
+    res = run_cli("diffusion.main", "--data-root", str(tmp_path / "nowhere"), "--no-download")
+    assert_clean_error(res, str(tmp_path / "nowhere" / "MNIST" / "raw"))
+    assert "train-images-idx3-ubyte" in res.stderr and "DIFFUSION_DATA_ROOT" in res.stderr
+
+
+def test_missing_data_from_environment_variable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFUSION_DATA_ROOT", str(tmp_path / "env-root"))
+    assert_clean_error(run_inprocess(capsys, "diffusion.main", "--no-download"), str(tmp_path / "env-root"))
+
+
+def test_unreadable_data(tmp_path, capsys):
+    root = make_fake_mnist(tmp_path)
+    (root / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")
+    assert_clean_error(run_inprocess(capsys, "diffusion.main", "--data-root", str(root), "--no-download"), "unreadable")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--epochs", "0"], "--epochs must be positive"), (["--batch-size", "-4"], "--batch-size"),
+    (["--timesteps", "0"], "--timesteps"), (["--lr", "-1"], "--lr"), (["--base-channels", "12"], "multiple of 8"),
+    (["--image-size", "30"], "must divide by 4"), (["--schedule", "sigmoid"], "--schedule"),
+    (["--sampler", "heun"], "--sampler"), (["--device", "quantum"], "--device"),
+])
+def test_nonsense_config_on_command_line(flags, needle, capsys):
+    assert_clean_error(run_inprocess(capsys, "diffusion.main", *flags), needle)
+
+
+def test_nonsense_config_in_a_real_process():
+    assert_clean_error(run_cli("diffusion.main", "--epochs", "-1"), "--epochs must be positive")
+
+
+def test_unknown_flag_is_usage_error():
+    res = run_cli("diffusion.main", "--epohcs", "3")
+    assert res.returncode == 2 and "unrecognized arguments: --epohcs" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--digit", "10"], "--digit must be in 0..9"), (["--digit", "-1"], "--digit must be in 0..9"),
+    (["--guidance", "-2"], "--guidance must not be negative"), (["--steps", "0"], "--sample-steps must be positive"),
+    (["--num-images", "0"], "--num-images must be positive"), (["--base-channels", "16"], "base_channels=8"),
+    (["--image-size", "32"], "image_size=28"),
+])
+def test_bad_sampling_flags(ckpt, tmp_path, flags, needle, capsys):
+    res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(ckpt), "--output", str(tmp_path / "x.png"), *flags)
+    assert_clean_error(res, needle)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_unwritable_output(ckpt, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(ckpt), "--output", str(blocker / "g.png"))
+    assert_clean_error(res, "cannot")
+
+
+def test_no_checkpoint_yet(tmp_path, capsys):
+    assert_clean_error(run_inprocess(capsys, "diffusion.sampling", "--ckpt-dir", str(tmp_path)), "no checkpoint in")
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("missing", "does not exist"), ("truncated", "not a readable checkpoint"), ("random", "not a readable checkpoint"),
+    ("empty", "not a readable checkpoint"), ("foreign", "not a checkpoint of this project"),
+])
+def test_bad_checkpoint_files(ckpt, tmp_path, kind, needle, capsys):
+    path = tmp_path / f"{kind}.pth"
+    if kind == "truncated":
+        path.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "foreign":
+        torch.save({"weights": torch.zeros(3)}, path)
+    args = ("--checkpoint", str(path), "--output", str(tmp_path / "o.png"))
+    assert_clean_error(run_inprocess(capsys, "diffusion.sampling", *args), needle)
+    if kind == "truncated":  # and once through a real process
+        assert_clean_error(run_cli("diffusion.sampling", *args), needle)
+
+
+def test_resume_with_other_architecture_is_refused(ckpt, tmp_path, data_root, capsys):
+    res = run_inprocess(capsys, "diffusion.main", *TINY, "--base-channels", "16", "--data-root", str(data_root),
+                  "--resume", str(ckpt), "--ckpt-dir", str(tmp_path))
+    assert_clean_error(res, "base_channels=8")
+
+
+class MakesAFile:
+    """Unpickling this creates a file: what a malicious .pth would do."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_loading_never_executes_code_from_a_file(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "ema": {}, "config": {}, "epoch": 0, "step": 0, "payload": MakesAFile(marker)}, evil)
+    assert not marker.exists()
+    with pytest.raises(UserError, match="refusing to load"):
+        load_checkpoint(evil)
+    res = run_cli("diffusion.sampling", "--checkpoint", str(evil), "--output", str(tmp_path / "o.png"))
+    assert_clean_error(res, "refusing to load")
+    assert not marker.exists(), "loading ran code from the file"
+    pickle.loads(pickle.dumps(MakesAFile(marker)))  # the payload is real: plain pickle does create the file
+    assert marker.exists()
+
+
+def test_full_disk_keeps_old_checkpoint(ckpt, tmp_path, monkeypatch):
+    path = tmp_path / "epoch_001.pth"
+    path.write_bytes(ckpt.read_bytes())
+    before = path.read_bytes()
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(UserError, match="No space left on device"):
+        save_checkpoint({"model": {}}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch_001.pth"], "no temporary file may be left behind"

@@ -1,0 +1,87 @@
+"""End to end through the real commands, on a tiny model and a small subset."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.checkpoint import load_checkpoint
+from tests.conftest import TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_root):
+    """A tiny two-epoch run, shared by the tests below."""
+    work = tmp_path_factory.mktemp("run")
+    res = run_cli("diffusion.main", *TINY, "--epochs", "2", "--data-root", str(data_root),
+                  "--ckpt-dir", str(work / "ck"), "--out-dir", str(work / "out"))
+    assert res.returncode == 0, res.stderr
+    return work, res
+
+
+def test_training_prints_mean_loss_and_checkpoints_every_epoch(trained):
+    work, res = trained
+    assert res.stdout.count("mean loss") == 2
+    assert sorted(p.name for p in (work / "ck").glob("*.pth")) == ["epoch_001.pth", "epoch_002.pth"]
+    assert (work / "ck" / "latest").read_text().strip() == "epoch_002.pth"
+    state = load_checkpoint(work / "ck" / "epoch_002.pth")
+    assert {"model", "ema", "optimizer", "epoch", "step", "config"} <= state.keys()
+    assert state["epoch"] == 2 and state["step"] == 8 and isinstance(state["config"], dict)
+    assert state["config"]["base_channels"] == 8 and state["config"]["num_classes"] == 10
+
+
+def test_training_writes_pictures_and_metrics(trained):
+    out = trained[0] / "out"
+    assert (out / "epoch_001.png").exists() and (out / "epoch_002.png").exists() and (out / "loss_curve.png").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and all(r["images_per_s"] > 0 for r in records)
+
+
+def test_sampling_writes_grid_and_npy(trained, tmp_path):
+    work, _ = trained
+    res = run_cli("diffusion.sampling", "--ckpt-dir", str(work / "ck"), "--output", str(tmp_path / "g.png"),
+                  "--npy", str(tmp_path / "g.npy"), "--seed", "3")
+    assert res.returncode == 0, res.stderr
+    assert Image.open(tmp_path / "g.png").size == (4 * 30 + 2, 4 * 30 + 2)  # 4x4 cells of 28 + 2 padding
+    arr = np.load(tmp_path / "g.npy")
+    assert arr.shape == (16, 28, 28) and arr.dtype == np.uint8
+
+
+def test_sampling_same_seed_same_images_and_digit_rows(trained, tmp_path):
+    work, _ = trained
+    a = run_cli("diffusion.sampling", "--ckpt-dir", str(work / "ck"), "--npy", str(tmp_path / "a.npy"),
+                "--output", str(tmp_path / "a.png"), "--digit", "7", "--sampler", "ddim", "--steps", "3")
+    b = run_cli("diffusion.sampling", "--ckpt-dir", str(work / "ck"), "--npy", str(tmp_path / "b.npy"),
+                "--output", str(tmp_path / "b.png"), "--digit", "7", "--sampler", "ddim", "--steps", "3")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert np.array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    rows = run_cli("diffusion.sampling", "--ckpt-dir", str(work / "ck"), "--all-digits", "--num-images", "3",
+                   "--output", str(tmp_path / "rows.png"), "--gif", str(tmp_path / "r.gif"), "--gif-x0")
+    assert rows.returncode == 0, rows.stderr
+    assert Image.open(tmp_path / "rows.png").size == (3 * 30 + 2, 10 * 30 + 2)
+    gif = Image.open(tmp_path / "r.gif")
+    assert gif.n_frames > 2 and gif.size == (2 * (3 * 30 + 2), 10 * 30 + 2)
+
+
+def test_sampling_with_ddpm_all_steps(trained, tmp_path):
+    res = run_cli("diffusion.sampling", "--ckpt-dir", str(trained[0] / "ck"), "--sampler", "ddpm",
+                  "--num-images", "4", "--output", str(tmp_path / "d.png"))
+    assert res.returncode == 0 and "ddpm" in res.stdout, res.stderr
+
+
+def test_resume_continues_to_more_epochs(trained, tmp_path, data_root):
+    work, _ = trained
+    res = run_cli("diffusion.main", *TINY, "--epochs", "3", "--data-root", str(data_root), "--resume",
+                  str(work / "ck" / "epoch_002.pth"), "--ckpt-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"))
+    assert res.returncode == 0, res.stderr
+    assert "resumed from" in res.stdout and res.stdout.count("mean loss") == 1
+    assert load_checkpoint(tmp_path / "epoch_003.pth")["step"] == 12
+
+
+def test_help_lists_every_setting_with_defaults():
+    res = run_cli("diffusion.main", "--help")
+    assert res.returncode == 0
+    for flag in ("--epochs", "--batch-size", "--data-root", "--timesteps", "--schedule", "--device", "--resume"):
+        assert flag in res.stdout
+    assert "(default: 3)" in res.stdout or "default: 3" in res.stdout

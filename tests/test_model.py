@@ -1,0 +1,52 @@
+"""The U-Net: shapes, dependence on t and label, and the input-size check."""
+import pytest
+import torch
+
+from diffusion.config import Config
+from diffusion.model import UNet, build_model, timestep_embedding
+
+
+def perturbed(model: UNet) -> UNet:
+    """Move parameters off their zero init so every input can reach the output."""
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def test_timestep_embedding_is_sinusoidal():
+    emb = timestep_embedding(torch.tensor([0, 1, 500]), 16)
+    assert emb.shape == (3, 16)
+    assert torch.allclose(emb[0], torch.cat([torch.ones(8), torch.zeros(8)]))
+    assert torch.allclose(emb[:, :8] ** 2 + emb[:, 8:] ** 2, torch.ones(3, 8), atol=1e-6)
+
+
+@pytest.mark.parametrize("channels,size,mults", [(1, 28, (1, 4, 4)), (3, 32, (1, 2, 2, 2)), (1, 28, (1, 2))])
+def test_output_shape_equals_input_shape(channels, size, mults):
+    model = UNet(channels=channels, image_size=size, base_channels=8, channel_mults=mults,
+                 attention_resolutions=(size // 2,))
+    x = torch.randn(2, channels, size, size)
+    assert model(x, torch.tensor([0, 999])).shape == x.shape
+
+
+def test_default_model_is_small():
+    n = sum(p.numel() for p in build_model(Config()).parameters())
+    assert 0.5e6 < n < 2e6
+
+
+@torch.no_grad()
+def test_output_depends_on_t_and_label():
+    model = perturbed(UNet(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,)))
+    x = torch.randn(2, 1, 28, 28)
+    a, b = model(x, torch.tensor([10, 10])), model(x, torch.tensor([900, 900]))
+    assert not torch.allclose(a, b, atol=1e-4)
+    c, d = model(x, torch.tensor([10, 10]), torch.tensor([1, 1])), model(x, torch.tensor([10, 10]), torch.tensor([7, 7]))
+    assert not torch.allclose(c, d, atol=1e-4)
+    assert torch.allclose(a, model(x, torch.tensor([10, 10]), torch.tensor([10, 10])))  # None means "no label"
+
+
+def test_input_size_must_divide_by_downsampling_factor():
+    with pytest.raises(AssertionError):
+        UNet(image_size=30, channel_mults=(1, 2, 2))
+    with pytest.raises(AssertionError):
+        UNet(base_channels=8, channel_mults=(1, 2, 2))(torch.randn(1, 1, 30, 30), torch.tensor([0]))

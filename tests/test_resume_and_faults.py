@@ -1,0 +1,166 @@
+"""Exact resume, signals, SIGKILL at any moment, and non-finite losses."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import diffusion.train as train_module
+from diffusion.checkpoint import latest_checkpoint, load_checkpoint
+from diffusion.config import parse_args
+from diffusion.errors import UserError
+from diffusion.train import train
+from tests.conftest import ROOT, TINY, run_cli
+
+
+def tiny_cfg(data_root, ckpt_dir, *extra):
+    return parse_args([*TINY, "--data-root", str(data_root), "--ckpt-dir", str(ckpt_dir),
+                       "--out-dir", str(ckpt_dir / "out"), "--sample-every", "0", *extra])
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+
+
+def test_few_steps_on_a_fixed_batch_lower_its_loss(data_root, tmp_path):
+    run = train_module.Run(tiny_cfg(data_root, tmp_path, "--lr", "3e-3"))
+    x0, y = run.images[:64].float() / 127.5 - 1, run.labels[:64]
+    g = torch.Generator().manual_seed(0)
+    fixed_t, fixed_eps = torch.randint(0, 50, (64,), generator=g), torch.randn(x0.shape, generator=g)
+
+    def fixed_loss():
+        from diffusion.diffusion_utils import q_sample
+        with torch.no_grad():
+            return ((run.model(q_sample(x0, fixed_t, fixed_eps, run.schedule), fixed_t, y) - fixed_eps) ** 2).mean().item()
+
+    before = fixed_loss()
+    for _ in range(30):
+        run.train_step(x0, y)
+    assert fixed_loss() < 0.7 * before
+
+
+def test_resume_after_epoch_is_bit_identical(data_root, tmp_path):
+    full = train(tiny_cfg(data_root, tmp_path / "a", "--epochs", "2"))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "epoch_001.pth").write_bytes((tmp_path / "a" / "epoch_001.pth").read_bytes())
+    train(tiny_cfg(data_root, tmp_path / "b", "--epochs", "2"), resume="latest")
+    assert_same_weights(load_checkpoint(tmp_path / "a" / "epoch_002.pth"), load_checkpoint(tmp_path / "b" / "epoch_002.pth"))
+    assert full.step == 8
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = train_module.diffusion_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(train_module, "diffusion_loss", poisoned)
+    with pytest.raises(UserError, match=r"non-finite at step 6 \(epoch 2\).*epoch_001.pth"):
+        train(tiny_cfg(data_root, tmp_path, "--epochs", "3"))
+    assert latest_checkpoint(tmp_path).name == "epoch_001.pth"
+    assert load_checkpoint(tmp_path / "epoch_001.pth")["step"] == 4
+
+
+def start_training(data_root, ckpt_dir, *extra, prelude: str = ""):
+    """Training in a child process, optionally after `prelude` Python code (fault injection)."""
+    code = f"{prelude}\nfrom diffusion.main import main\nfrom diffusion.errors import run_cli\nrun_cli(main)"
+    args = [*TINY, "--data-root", str(data_root), "--ckpt-dir", str(ckpt_dir), "--out-dir", str(ckpt_dir / "out"),
+            "--sample-every", "0", *extra]
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+SIGNAL_RUN = ("--epochs", "3", "--limit-train", "1024")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("ref")
+    res = run_cli("diffusion.main", *TINY, *SIGNAL_RUN, "--data-root", str(data_root), "--ckpt-dir", str(ref),
+                  "--out-dir", str(ref / "out"), "--sample-every", "0")
+    assert res.returncode == 0, res.stderr
+    return load_checkpoint(ref / "epoch_003.pth")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_state_and_resume_matches_uninterrupted_run(data_root, tmp_path, sig, uninterrupted):
+    flags = SIGNAL_RUN
+    proc = start_training(data_root, tmp_path / "run", *flags)
+    wait_for(tmp_path / "run" / "epoch_001.pth", proc)
+    time.sleep(0.3)  # land somewhere inside epoch 2
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 128 + sig, err
+    assert f"stopped by {sig.name}" in out and "--resume" in out and "Traceback" not in err
+    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert state["step"] > 4
+    res = run_cli("diffusion.main", *TINY, *flags, "--data-root", str(data_root), "--ckpt-dir", str(tmp_path / "run"),
+                  "--out-dir", str(tmp_path / "run" / "out"), "--sample-every", "0", "--resume")
+    assert res.returncode == 0, res.stderr
+    assert_same_weights(uninterrupted, load_checkpoint(tmp_path / "run" / "epoch_003.pth"))
+
+
+# os.replace is the commit point of every checkpoint write: kill the process just before the Nth one
+KILL_AT_REPLACE = """
+import os, signal
+_real, _count = os.replace, [0]
+def _replace(src, dst):
+    _count[0] += str(dst).endswith((".pth", "latest"))
+    if _count[0] == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)  # the temporary file is written and synced, not yet renamed
+    return _real(src, dst)
+os.replace = _replace
+"""
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_sigkill_during_checkpoint_write_loses_nothing(data_root, tmp_path, n):
+    """Replace #1 writes epoch 1, #2 its `latest` pointer, #3 epoch 2, #4 its pointer."""
+    proc = start_training(data_root, tmp_path, "--epochs", "3", prelude=KILL_AT_REPLACE.format(n=n))
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    for ckpt in tmp_path.glob("epoch_*.pth"):
+        load_checkpoint(ckpt)  # every finished checkpoint is whole
+    finished = sorted(p.name for p in tmp_path.glob("epoch_*.pth"))
+    assert len(finished) == n // 2
+    assert len(list(tmp_path.glob(".*.tmp"))) == 1, "the killed write leaves only its temporary file"
+    if finished:  # `latest` moves only after its checkpoint is whole, so it may still name the one before
+        assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 1
+    res = run_cli("diffusion.main", *TINY, "--epochs", "3", "--data-root", str(data_root), "--ckpt-dir", str(tmp_path),
+                  "--out-dir", str(tmp_path / "out"), "--sample-every", "0", *(["--resume"] if finished else []))
+    assert res.returncode == 0, res.stderr
+    assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 3
+
+
+def test_sigkill_at_random_moments_then_resume(data_root, tmp_path):
+    for delay in (2.0, 3.5, 5.0):
+        resume = ["--resume"] if list(tmp_path.glob("epoch_*.pth")) else []
+        proc = start_training(data_root, tmp_path, "--epochs", "15", *resume)
+        time.sleep(delay)
+        proc.kill()
+        proc.communicate()
+        if list(tmp_path.glob("epoch_*.pth")):
+            load_checkpoint(latest_checkpoint(tmp_path))
+    res = run_cli("diffusion.main", *TINY, "--epochs", "15", "--data-root", str(data_root), "--ckpt-dir", str(tmp_path),
+                  "--out-dir", str(tmp_path / "out"), "--sample-every", "0", "--resume")
+    assert res.returncode == 0, res.stderr
+    assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 15
