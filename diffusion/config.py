@@ -31,13 +31,13 @@ class Config:
     beta_start: float = 1e-4  # beta_1 of the linear schedule
     beta_end: float = 0.02  # beta_T of the linear schedule
     # --- model: U-Net at 28 -> 14 -> 7 ---
-    base_channels: int = 16  # width at 28x28, where convolutions cost the most FLOPs
-    channel_mults: tuple[int, ...] = (1, 4, 4)  # widths 16/64/64 at 28/14/7: 1.4x the images/s of 32/64/64
+    base_channels: int = 32  # width at 28x28, where convolutions cost the most FLOPs
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # widths 32/64/64 at 28/14/7
     num_res_blocks: int = 1  # residual blocks per level; one is 1.4x faster than two, same quality here
     attention_resolutions: tuple[int, ...] = (7,)  # self-attention only where it is cheap
     dropout: float = 0.0  # no dropout: a few epochs do not overfit 60k digits
     # --- training ---
-    epochs: int = 3  # ~15 minutes on a 2-core CPU with the defaults
+    epochs: int = 2  # ~14 minutes on a 2-core CPU with the defaults
     batch_size: int = 128  # global batch (split across processes under torchrun)
     lr: float = 2e-3  # AdamW peak learning rate; high because the net is small
     weight_decay: float = 0.0

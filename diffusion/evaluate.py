@@ -140,18 +140,15 @@ def evaluate(images: torch.Tensor, cfg: Config, classifier: Path, digit: int | N
     return card, floor
 
 
-def sample_for_scoring(net, cfg: Config, device, n: int, digit: int | None, all_digits: bool,
+def sample_for_scoring(net, cfg: Config, device, n: int, digit: int | None = None, unconditional: bool = False,
                        chunk: int = 250) -> torch.Tensor:
-    """n uint8 samples: of one digit, of all classes in turn (guided), or unconditional."""
+    """n uint8 samples, labelled as `python -m diffusion.sampling` would label them, in chunks."""
     from diffusion.sampling import generate, sample_labels
 
-    labels = sample_labels(cfg, n, digit, False, device) if digit is not None else None
-    if all_digits:
-        labels = sample_labels(cfg, 1, None, True, device).repeat(-(-n // cfg.num_classes))[:n]
-    parts = labels.split(chunk) if labels is not None else [None] * -(-n // chunk)
-    sizes = [len(p) if p is not None else min(chunk, n - i * chunk) for i, p in enumerate(parts)]
-    return torch.cat([to_uint8(generate(net, cfg, k, p, device, seed=cfg.seed + i))
-                      for i, (k, p) in enumerate(zip(sizes, parts))]).cpu()
+    labels = sample_labels(cfg, n, digit, False, unconditional, cfg.seed, device)
+    starts = range(0, n, chunk)
+    return torch.cat([to_uint8(generate(net, cfg, min(chunk, n - i), None if labels is None else labels[i:i + chunk],
+                                        device, seed=cfg.seed + i, progress=False)) for i in starts]).cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--n must be at least 2, got {args.n}")
         path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(cfg.ckpt_dir))
         net, cfg, device = load_for_sampling(path, overrides, use_ema=not args.no_ema)
-        images = sample_for_scoring(net, cfg, device, args.n, args.digit, args.all_digits)
+        images = sample_for_scoring(net, cfg, device, args.n, args.digit, args.unconditional)
     card, floor = evaluate(images, cfg, Path(args.classifier), args.digit)
     print(json.dumps({"samples": card, "real_floor": floor}, indent=2) if args.json else format_table(card, floor))
 

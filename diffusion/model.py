@@ -16,6 +16,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+TIME_FREQS = 64  # sinusoid size: enough frequencies to tell t = 3 from t = 4 and t = 900 from t = 950
+
+
 def norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(8, channels)
 
@@ -72,9 +75,9 @@ class UNet(nn.Module):
         super().__init__()
         self.factor = 2 ** (len(channel_mults) - 1)
         assert image_size % self.factor == 0, f"image size {image_size} must divide by {self.factor}"
-        self.base, self.num_classes = base_channels, num_classes
+        self.num_classes = num_classes
         emb_dim = 4 * base_channels
-        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(TIME_FREQS, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # one extra "no label" class (index num_classes) for classifier-free guidance
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(channels, base_channels, 3, padding=1)
@@ -109,7 +112,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         assert x.shape[-1] % self.factor == 0 and x.shape[-2] % self.factor == 0, "input size must divide by the U-Net factor"
-        emb = self.time_mlp(timestep_embedding(t, self.base))
+        emb = self.time_mlp(timestep_embedding(t, TIME_FREQS))
         if self.label_emb is not None:
             y = torch.full_like(t, self.num_classes) if y is None else y
             emb = emb + self.label_emb(y)

@@ -51,24 +51,35 @@ def load_for_sampling(path: Path, overrides: dict, use_ema: bool = True) -> tupl
     return net.to(device).eval(), cfg, device
 
 
-def sample_labels(cfg: Config, n: int, digit: int | None, all_digits: bool, device) -> torch.Tensor | None:
-    if digit is None and not all_digits:
+def sample_labels(cfg: Config, n: int, digit: int | None = None, all_digits: bool = False,
+                  unconditional: bool = False, seed: int = 0, device="cpu") -> torch.Tensor | None:
+    """The labels to guide n samples with, or None for the unconditional model.
+
+    By default a conditional model samples every class equally often, in random order: guided samples
+    are much cleaner than the unconditional model's, which sees only p_uncond of the training labels.
+    """
+    if unconditional or not cfg.num_classes:
+        if digit is not None or all_digits:
+            raise UserError("this checkpoint was trained without labels; --digit / --all-digits need a "
+                            "conditional model" if not cfg.num_classes else "--unconditional excludes --digit / --all-digits")
         return None
-    if not cfg.num_classes:
-        raise UserError("this checkpoint was trained without labels; --digit / --all-digits need a conditional model")
     if digit is not None and not 0 <= digit < cfg.num_classes:
         raise UserError(f"--digit must be in 0..{cfg.num_classes - 1}, got {digit}")
+    if digit is not None:
+        return torch.full((n,), digit, device=device, dtype=torch.long)
     if all_digits:  # one row per class
         return torch.arange(cfg.num_classes, device=device).repeat_interleave(n)
-    return torch.full((n,), digit, device=device, dtype=torch.long)
+    balanced = torch.arange(n) % cfg.num_classes
+    return balanced[torch.randperm(n, generator=torch.Generator().manual_seed(seed))].to(device)
 
 
 def add_sampling_args(parser) -> None:
     parser.add_argument("--checkpoint", default=None, help="checkpoint to load (default: the latest in --ckpt-dir)")
     parser.add_argument("--num-images", type=int, default=16, help="images to generate (per row with --all-digits)")
     parser.add_argument("--digit", type=int, default=None, help="generate this class only (classifier-free guidance)")
-    parser.add_argument("--all-digits", action="store_true", default=False,
-                        help="every class: one row per class (sampling), classes in turn (evaluate)")
+    parser.add_argument("--all-digits", action="store_true", default=False, help="a grid with one row per class")
+    parser.add_argument("--unconditional", action="store_true", default=False,
+                        help="use the model without labels (default: guided, every class equally often)")
     parser.add_argument("--steps", dest="sample_steps", type=int, help="alias of --sample-steps")
     parser.add_argument("--no-ema", action="store_true", default=False, help="use the raw weights instead of their EMA")
 
@@ -88,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     net, cfg, device = load_for_sampling(path, overrides, use_ema=not args.no_ema)
     if args.num_images < 1:
         raise UserError(f"--num-images must be positive, got {args.num_images}")
-    labels = sample_labels(cfg, args.num_images, args.digit, args.all_digits, device)
+    labels = sample_labels(cfg, args.num_images, args.digit, args.all_digits, args.unconditional, cfg.seed, device)
     n = len(labels) if labels is not None else args.num_images
     nrow = args.num_images if args.all_digits else max(1, int(round(n ** 0.5)))
     output = Path(args.output or Path(cfg.out_dir) / "generated_images.png")

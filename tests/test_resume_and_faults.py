@@ -164,3 +164,9 @@ def test_sigkill_at_random_moments_then_resume(data_root, tmp_path):
                   "--out-dir", str(tmp_path / "out"), "--sample-every", "0", "--resume")
     assert res.returncode == 0, res.stderr
     assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 15
+
+
+def test_keep_last_prunes_old_epoch_checkpoints(data_root, tmp_path):
+    train(tiny_cfg(data_root, tmp_path, "--epochs", "4", "--keep-last", "2"))
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["epoch_003.pth", "epoch_004.pth"]
+    assert latest_checkpoint(tmp_path).name == "epoch_004.pth"

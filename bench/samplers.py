@@ -1,0 +1,74 @@
+"""Quality vs steps for each sampler, scored by the project's scorecard at a fixed N, plus seconds for
+16 digits, and the fraction of --digit samples classified as the digit asked for. Not a test.
+
+    python bench/samplers.py --data-root ../shared/data --n 500
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from diffusion.checkpoint import latest_checkpoint
+from diffusion.classifier import DEFAULT_PATH, load_classifier
+from diffusion.config import Config
+from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
+from diffusion.sampling import generate, load_for_sampling
+
+GRID = [("ddpm", 1000)] + [(s, n) for s in ("ddim", "dpmpp") for n in (5, 10, 20, 50, 100)]
+
+
+def seconds_for_16(net, cfg, device) -> float:
+    labels = torch.arange(16, device=device) % cfg.num_classes if cfg.num_classes else None
+    t0 = time.perf_counter()
+    generate(net, cfg, 16, labels, device, progress=False)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="default: the latest in diffusion/checkpoints")
+    parser.add_argument("--data-root", default=Config().data_root)
+    parser.add_argument("--classifier", default=str(DEFAULT_PATH))
+    parser.add_argument("--n", type=int, default=500, help="samples per configuration (same N for every row)")
+    parser.add_argument("--per-digit", type=int, default=100, help="samples per digit for the --digit check")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's config")
+    parser.add_argument("--skip-ddpm", action="store_true", help="leave out the slow 1000-step row")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(Config().ckpt_dir))
+    overrides = {"data_root": args.data_root, **({"guidance": args.guidance} if args.guidance is not None else {})}
+    net, cfg, device = load_for_sampling(path, overrides)
+    clf = load_classifier(Path(args.classifier))
+    reference, floor_images, train = real_sets(cfg, args.n)
+    floor = scorecard(clf, floor_images, reference, train)
+    rows = []
+    print(f"checkpoint {path}, guidance {cfg.guidance}, N = {args.n}; real-data floor FD {floor['fd']:.2f}\n")
+    print("| sampler | steps | FD (N=%d) | precision | recall | confidence | s / 16 digits |" % args.n)
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for sampler, steps in GRID:
+        if sampler == "ddpm" and args.skip_ddpm:
+            continue
+        c = dataclasses.replace(cfg, sampler=sampler, sample_steps=steps)
+        images = sample_for_scoring(net, c, device, args.n)
+        card = scorecard(clf, images, reference, train)
+        card.update(sampler=sampler, steps=steps, seconds_16=seconds_for_16(net, c, device))
+        rows.append(card)
+        print(f"| {sampler} | {steps} | {card['fd']:.2f} | {card['precision']:.3f} | {card['recall']:.3f} | "
+              f"{card['confidence']:.3f} | {card['seconds_16']:.2f} |", flush=True)
+    hits = []
+    for d in range(cfg.num_classes):
+        images = sample_for_scoring(net, cfg, device, args.per_digit, digit=d)
+        hits.append(scorecard(clf, images, reference[: args.per_digit], train)["digit_accuracy"])
+    print(f"\n--digit d with {cfg.sampler}-{cfg.sample_steps}, guidance {cfg.guidance}: fraction classified as d = "
+          + ", ".join(f"{d}: {h:.2f}" for d, h in enumerate(hits)) + f"; mean {sum(hits) / len(hits):.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"floor": floor, "rows": rows, "digit_accuracy": hits}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

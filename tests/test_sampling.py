@@ -1,0 +1,35 @@
+"""Which labels `python -m diffusion.sampling` guides with."""
+import pytest
+import torch
+
+from diffusion.config import Config
+from diffusion.errors import UserError
+from diffusion.sampling import sample_labels
+
+
+def test_default_labels_cover_every_class_equally_in_random_order():
+    labels = sample_labels(Config(), 20, seed=1)
+    assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 2))
+    assert not torch.equal(labels, torch.arange(20) % 10)
+    assert torch.equal(labels, sample_labels(Config(), 20, seed=1))
+
+
+def test_digit_rows_and_unconditional():
+    assert torch.equal(sample_labels(Config(), 5, digit=7), torch.full((5,), 7))
+    assert torch.equal(sample_labels(Config(), 2, all_digits=True), torch.arange(10).repeat_interleave(2))
+    assert sample_labels(Config(), 16, unconditional=True) is None
+    assert sample_labels(Config(num_classes=0), 16) is None
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"digit": 10}, "--digit must be in 0..9"), ({"digit": -1}, "--digit must be in 0..9"),
+    ({"digit": 3, "unconditional": True}, "--unconditional excludes"),
+])
+def test_label_errors(kwargs, needle):
+    with pytest.raises(UserError, match=needle):
+        sample_labels(Config(), 4, **kwargs)
+
+
+def test_digit_needs_a_conditional_model():
+    with pytest.raises(UserError, match="trained without labels"):
+        sample_labels(Config(num_classes=0), 4, digit=3)
