@@ -19,7 +19,7 @@ from diffusion.config import Config
 from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
 from diffusion.sampling import generate, load_for_sampling
 
-GRID = [("ddpm", 1000)] + [(s, n) for s in ("ddim", "dpmpp") for n in (5, 10, 20, 50, 100)]
+GRID = [(s, n) for s in ("dpmpp", "ddim") for n in (5, 10, 20, 50, 100)] + [("ddpm", 1000)]
 
 
 def seconds_for_16(net, cfg, device) -> float:

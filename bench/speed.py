@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 OURS = {  # name: Config overrides
-    "ours: default (16/64/64, 1 block, fp32, channels_last)": {},
+    "ours: default (32/64/64, 1 block, fp32, channels_last)": {},
     "ours: default, NCHW": {"channels_last": False},
     "ours: default, bf16 autocast": {"amp": "bf16"},
-    "ours: 32/64/64, 1 block": {"base_channels": 32, "channel_mults": (1, 2, 2)},
-    "ours: 32/64/64, 2 blocks": {"base_channels": 32, "channel_mults": (1, 2, 2), "num_res_blocks": 2},
+    "ours: 16/64/64, 1 block": {"base_channels": 16, "channel_mults": (1, 4, 4)},
+    "ours: 32/64/64, 2 blocks": {"num_res_blocks": 2},
 }
 ANCHORS = ("diffusers UNet2DModel (32,64,64), no attention, 32x32",
            "lucidrains Unet(dim=32, dim_mults=(1,2,4)), 28x28")

@@ -141,8 +141,9 @@ def evaluate(images: torch.Tensor, cfg: Config, classifier: Path, digit: int | N
 
 
 def sample_for_scoring(net, cfg: Config, device, n: int, digit: int | None = None, unconditional: bool = False,
-                       chunk: int = 250) -> torch.Tensor:
-    """n uint8 samples, labelled as `python -m diffusion.sampling` would label them, in chunks."""
+                       chunk: int = 50) -> torch.Tensor:
+    """n uint8 samples, labelled as `python -m diffusion.sampling` would label them, in chunks
+    (on a CPU, batches of a few hundred run 2x slower per image than small ones: cache misses)."""
     from diffusion.sampling import generate, sample_labels
 
     labels = sample_labels(cfg, n, digit, False, unconditional, cfg.seed, device)

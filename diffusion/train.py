@@ -122,7 +122,8 @@ class Run:
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + rank)  # t, noise, label drops
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.epoch_loss = torch.zeros((), device=self.device)
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # one record per epoch
+        self.curve: list[list[float]] = []  # [step, loss] at every progress-bar update
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         return epoch_order(len(self.images), self.cfg.seed, epoch, self.rank, self.world, self.cfg.batch_size)
@@ -134,7 +135,7 @@ class Run:
                 "lr_schedule": self.sched.state_dict(), "epoch": self.epoch, "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch, "epoch_loss": self.epoch_loss,
                 "generator": self.gen.get_state(), "rng": rng_state(), "history": self.history,
-                "config": self.cfg.to_dict()}
+                "curve": self.curve, "config": self.cfg.to_dict()}
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, self.device)
@@ -149,7 +150,7 @@ class Run:
             set_rng_state(state["rng"])
             self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
             self.epoch_loss = state["epoch_loss"].to(self.device)
-            self.history = state["history"]
+            self.history, self.curve = state["history"], state.get("curve", [])
         except (KeyError, ValueError, RuntimeError) as err:
             raise UserError(f"{path} cannot resume training (it lacks or mismatches optimizer state: {err})") from None
 
@@ -208,7 +209,8 @@ def train_one_epoch(run: Run, stop: StopFlag) -> bool:
         if run.step % cfg.log_every == 0 or run.batch_in_epoch == run.steps_per_epoch:
             # a host sync point: read the loss, check for NaN and for a stop signal from any rank
             check_finite(bad_step, run)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
+            run.curve.append([run.step, loss.item()])
+            bar.set_postfix(loss=f"{run.curve[-1][1]:.4f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
         if stop_requested(stop, run):
             return False
     check_finite(bad_step, run)
@@ -265,7 +267,7 @@ def write_pictures(run: Run, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    save_loss_curve(run.history, out / "loss_curve.png")
+    save_loss_curve(run.history, run.curve, out / "loss_curve.png")
     if run.cfg.sample_every and run.epoch % run.cfg.sample_every == 0:
         save_preview_grid(run.ema.module, run.cfg, run.device, out / f"epoch_{run.epoch:03d}.png")
 

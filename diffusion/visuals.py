@@ -25,17 +25,20 @@ def save_preview_grid(net: torch.nn.Module, cfg, device: torch.device, path: Pat
     save_grid(x, path, nrow=10)
 
 
-def save_loss_curve(history: list[dict], path: Path) -> None:
-    """Mean training loss per epoch as a PNG (matplotlib, headless)."""
+def save_loss_curve(history: list[dict], curve: list[list[float]], path: Path) -> None:
+    """Training loss against step (rank 0's batch loss at each progress update) and each epoch's mean."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
-    ax.set(xlabel="epoch", ylabel="mean L_simple", title="training loss")
+    if curve:
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], lw=0.8, alpha=0.6, label="batch loss")
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], "o-", label="epoch mean")
+    ax.set(xlabel="step", ylabel="L_simple", yscale="log", title="training loss")
     ax.grid(alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

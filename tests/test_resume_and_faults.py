@@ -29,7 +29,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_few_steps_on_a_fixed_batch_lower_its_loss(data_root, tmp_path):
-    run = train_module.Run(tiny_cfg(data_root, tmp_path, "--lr", "3e-3"))
+    run = train_module.Run(tiny_cfg(data_root, tmp_path, "--lr", "3e-3", "--epochs", "10"))  # LR decays over 40 steps
     x0, y = run.images[:64].float() / 127.5 - 1, run.labels[:64]
     g = torch.Generator().manual_seed(0)
     fixed_t, fixed_eps = torch.randint(0, 50, (64,), generator=g), torch.randn(x0.shape, generator=g)
