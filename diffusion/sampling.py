@@ -40,10 +40,15 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
     return x.float()
 
 
+# settings of how to sample and where, as opposed to what was trained
+RUNTIME_FIELDS = ("sampler", "sample_steps", "eta", "guidance", "clip_x0", "device", "seed", "threads", "out_dir", "ckpt_dir")
+
+
 def load_for_sampling(path: Path, overrides: dict, use_ema: bool = True) -> tuple[UNet, Config, torch.device]:
     """Rebuild the U-Net from the checkpoint's config (plus command-line overrides) and load its weights."""
     state = load_checkpoint(path)
-    cfg = dataclasses.replace(from_dict(state["config"]), **overrides)
+    current = {name: getattr(Config(), name) for name in RUNTIME_FIELDS}  # this version's defaults, not the run's
+    cfg = dataclasses.replace(from_dict(state["config"]), **{**current, **overrides})
     check_architecture(state["config"], cfg, path)
     device = resolve_device(cfg.device)
     net = build_model(cfg)

@@ -85,3 +85,15 @@ def test_help_lists_every_setting_with_defaults():
     for flag in ("--epochs", "--batch-size", "--data-root", "--timesteps", "--schedule", "--device", "--resume"):
         assert flag in res.stdout
     assert "(default: 3)" in res.stdout or "default: 3" in res.stdout
+
+
+def test_sampling_settings_come_from_this_version_architecture_from_the_checkpoint(trained):
+    from diffusion.config import Config
+    from diffusion.sampling import load_for_sampling
+
+    path = trained[0] / "ck" / "epoch_002.pth"
+    assert load_checkpoint(path)["config"]["sample_steps"] == 4  # the run's own setting
+    _, cfg, _ = load_for_sampling(path, {})
+    assert cfg.sample_steps == Config().sample_steps and cfg.base_channels == 8 and cfg.timesteps == 50
+    _, cfg, _ = load_for_sampling(path, {"sample_steps": 7, "sampler": "ddim"})
+    assert (cfg.sample_steps, cfg.sampler) == (7, "ddim")
