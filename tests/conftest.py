@@ -30,7 +30,7 @@ def fake_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.to(torch.uint8), labels.to(torch.uint8)
 
 
-def make_fake_mnist(root: Path, folder: str = "MNIST", n_train: int = 512, n_test: int = 128) -> Path:
+def make_fake_mnist(root: Path, folder: str = "MNIST", n_train: int = 2048, n_test: int = 512) -> Path:
     raw = root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):

@@ -15,7 +15,7 @@ from diffusion.visuals import save_grid
 def classifier(data_root, tmp_path_factory):
     """A classifier trained in seconds on a small subset (the full one is not trained in CI)."""
     path = tmp_path_factory.mktemp("clf") / "cnn.pth"
-    acc = train_classifier(Config(data_root=str(data_root), limit_train=3000, batch_size=128), 2, path)
+    acc = train_classifier(Config(data_root=str(data_root), limit_train=3000, batch_size=128), 3, path)
     assert acc > 0.8
     from diffusion.classifier import load_classifier
     return load_classifier(path)
