@@ -21,12 +21,18 @@ def write_idx(path: Path, array: torch.Tensor) -> None:
 
 
 def fake_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n 28x28 images: class k is a bright bar at a class-specific place, plus noise."""
+    """n 28x28 images: class k has k % 5 + 1 bright bars, horizontal for k < 5, vertical otherwise,
+    plus noise; counts and orientation survive the classifier's small random shifts."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (n,), generator=g)
     images = torch.rand(n, 28, 28, generator=g) * 40
     for i, k in enumerate(labels.tolist()):
-        images[i, 4 + 2 * k: 7 + 2 * k, 6:22] = 255
+        for j in range(k % 5 + 1):
+            rows = slice(5 + 4 * j, 7 + 4 * j)
+            if k < 5:
+                images[i, rows, 6:22] = 255
+            else:
+                images[i, 6:22, rows] = 255
     return images.to(torch.uint8), labels.to(torch.uint8)
 
 
