@@ -62,7 +62,7 @@ def test_scorecard_ranks_real_far_above_broken_sets(classifier, sets):
     assert cards["collapsed"]["recall"] < 0.1 < cards["real"]["recall"]
     assert cards["collapsed"]["class_kl_uniform"] > 1.5 > cards["real"]["class_kl_uniform"] + 1.0
     assert cards["noise"]["precision"] < cards["real"]["precision"]
-    assert cards["real"]["nn_train_distance_median"] == 0.0  # these images are in the training set
+    assert cards["real"]["nn_train_distance_median"] < 0.02  # in the training set (cdist rounding aside)
 
 
 def test_grid_split_recovers_images(tmp_path, sets):
