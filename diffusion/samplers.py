@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from diffusion.diffusion_utils import EpsModel, Schedule, predict_x0, q_posterior
+from diffusion.diffusion_utils import EpsModel, Schedule, predict_eps, predict_x0, q_posterior
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
 
@@ -37,7 +37,7 @@ def _denoise(model: EpsModel, x: torch.Tensor, t: int, s: Schedule, clip_x0: boo
     x0 = predict_x0(x, tt, eps, s)
     if clip_x0:  # clip, then make eps consistent with the clipped x0 (Song et al. 2021 do the same)
         x0 = x0.clamp(-1, 1)
-        eps = (x - s.alpha_bar[t].sqrt() * x0) / (1 - s.alpha_bar[t]).sqrt()
+        eps = predict_eps(x, tt, x0, s)
     return tt, eps, x0
 
 
