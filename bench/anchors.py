@@ -1,0 +1,192 @@
+"""Quality per CPU-minute: this project's U-Net against diffusers' and lucidrains' U-Nets, each trained for the
+same wall-clock budget the same way, then sampled the same way and scored by the project's scorecard at one N.
+Not a test: run it on an idle machine (each system trains in its own process, one after the other).
+
+    pip install -e ".[bench]"
+    python -m diffusion.classifier --data-root ../shared/data           # the scorecard's classifier, once
+    python bench/anchors.py --data-root ../shared/data --minutes 15 --n 1000
+
+"The same way" means the product's own training step for every network (L_simple, linear schedule, T = 1000,
+AdamW 2e-3, 200 warm-up steps then cosine to zero at the end of the budget, gradient clipping, EMA 0.999,
+batch 128, same data order), so only the network and its speed differ. diffusers' UNet2DModel takes class
+labels (num_class_embeds), so it is trained with classifier-free guidance exactly like ours; lucidrains' Unet
+has no label input and is trained unconditionally. Every system is scored unconditionally; the guided
+systems are also scored with guidance w = 2 and balanced labels (the default of `python -m diffusion.sampling`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
+
+from diffusion.config import Config
+from diffusion.dataloader import batches
+from diffusion.train import Run, ema_multi_avg_fn
+
+SYSTEMS = ("ours", "diffusers", "lucidrains")
+DESCRIPTION = {
+    "ours": "ours: default U-Net (32/64/64, 1 block, attention at 7x7)",
+    "diffusers": "diffusers UNet2DModel (32,64,64), no attention, class embedding",
+    "lucidrains": "lucidrains Unet(dim=32, dim_mults=(1,2,4)), unconditional",
+}
+
+
+class DiffusersNet(torch.nn.Module):
+    """UNet2DModel behind this project's (x, t, labels) -> eps interface, on 28x28 (two downsamplings: 28/14/7)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                                down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+                                num_class_embeds=num_classes + 1)  # + the "no label" class
+
+    def forward(self, x, t, labels=None):
+        return self.unet(x, t, class_labels=labels).sample
+
+
+class LucidrainsNet(torch.nn.Module):
+    """denoising-diffusion-pytorch's Unet (no label input) behind the same interface."""
+
+    def __init__(self):
+        super().__init__()
+        from denoising_diffusion_pytorch import Unet
+
+        self.unet = Unet(dim=32, dim_mults=(1, 2, 4), channels=1)
+
+    def forward(self, x, t, labels=None):
+        return self.unet(x, t)
+
+
+def make_run(system: str, cfg: Config) -> Run:
+    """The product's Run, with the anchor's network swapped in (optimizer and EMA rebuilt around it)."""
+    if system == "ours":
+        return Run(cfg)
+    cfg = dataclasses.replace(cfg, channels_last=False, num_classes=0 if system == "lucidrains" else cfg.num_classes)
+    run = Run(cfg)
+    torch.manual_seed(cfg.seed)
+    run.model = run.net = DiffusersNet(run.cfg.num_classes) if system == "diffusers" else LucidrainsNet()
+    run.ema = AveragedModel(run.model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay))
+    run.ema.requires_grad_(False)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return run
+
+
+def train_for(run: Run, seconds: float) -> dict:
+    """Train until the wall-clock budget is spent; the learning rate follows warm-up, then cosine in time."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    progress = lambda: min(1.0, (time.perf_counter() - t0) / seconds)  # noqa: E731
+    run.sched = torch.optim.lr_scheduler.LambdaLR(
+        run.opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress())))
+    bar = tqdm(total=round(seconds), desc="training", unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total} s {postfix}")
+    losses, epoch = [], 0
+    while progress() < 1:
+        for x0, y in batches(run.images, run.labels, run.epoch_order(epoch), cfg.batch_size):
+            loss = run.train_step(x0, y)
+            run.step += 1
+            if run.step % 50 == 0:
+                losses.append([run.step, loss.item()])
+                bar.n = time.perf_counter() - t0
+                bar.set_postfix(step=run.step, loss=f"{losses[-1][1]:.4f}")
+            if progress() >= 1:
+                break
+        epoch += 1
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    return {"steps": run.step, "seconds": round(elapsed, 1), "images_per_s": round(run.step * cfg.batch_size / elapsed, 1),
+            "params": sum(p.numel() for p in run.model.parameters()), "loss_curve": losses}
+
+
+def score(run: Run, args) -> list[dict]:
+    from diffusion.classifier import load_classifier
+    from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
+    from diffusion.visuals import save_grid
+
+    clf = load_classifier(Path(args.classifier))
+    reference, floor_images, train = real_sets(run.cfg, args.n)
+    net, rows = run.ema.module.eval(), []
+    modes = ["guided", "unconditional"] if run.cfg.num_classes else ["unconditional"]
+    for sampler in args.samplers:
+        name, steps = sampler.split("-")
+        cfg = dataclasses.replace(run.cfg, sampler=name, sample_steps=int(steps), guidance=2.0)
+        for mode in modes:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                images = sample_for_scoring(net, cfg, run.device, args.n, unconditional=mode == "unconditional")
+            card = scorecard(clf, images, reference, train)
+            card.update(sampler=sampler, mode=mode, sample_seconds=round(time.perf_counter() - t0, 1))
+            rows.append(card)
+            print(f"{args.only} {sampler} {mode}: FD {card['fd']:.1f}, precision {card['precision']:.3f}, "
+                  f"recall {card['recall']:.3f}", flush=True)
+            grid = Path(args.out) / f"{args.only}_{sampler}_{mode}.png"
+            save_grid(images[:64].float().div(127.5).sub(1), grid, nrow=8)
+    rows.append({"mode": "floor", **scorecard(clf, floor_images, reference, train)})
+    return rows
+
+
+def run_one(args) -> None:
+    torch.manual_seed(0)
+    cfg = Config(data_root=args.data_root, ckpt_dir=str(Path(args.out) / args.only))
+    run = make_run(args.only, cfg)
+    result = {"system": args.only, "description": DESCRIPTION[args.only], **train_for(run, args.minutes * 60)}
+    torch.save(run.ema.module.state_dict(), Path(args.out) / f"{args.only}_ema.pth")
+    result["scores"] = score(run, args)
+    (Path(args.out) / f"{args.only}.json").write_text(json.dumps(result, indent=1))
+
+
+def print_table(out: Path, systems) -> None:
+    results = [json.loads((out / f"{s}.json").read_text()) for s in systems if (out / f"{s}.json").exists()]
+    if not results:
+        return
+    floor = next(r for r in results[0]["scores"] if r["mode"] == "floor")
+    print(f"\nN = {floor['n']}; real-data floor FD {floor['fd']:.1f}, "
+          f"precision {floor['precision']:.3f}, recall {floor['recall']:.3f}\n")
+    print("| system | params | train img/s | steps in budget | sampler | labels | FD | precision | recall | "
+          "confidence | KL(classes) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        for s in r["scores"]:
+            if s["mode"] == "floor":
+                continue
+            print(f"| {r['description']} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | {r['steps']} | "
+                  f"{s['sampler']} | {'w = 2' if s['mode'] == 'guided' else 'none'} | {s['fd']:.1f} | "
+                  f"{s['precision']:.3f} | {s['recall']:.3f} | {s['confidence']:.3f} | {s['class_kl_uniform']:.3f} |")
+
+
+def main() -> None:
+    from diffusion.classifier import DEFAULT_PATH
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default=Config().data_root)
+    parser.add_argument("--classifier", default=str(DEFAULT_PATH))
+    parser.add_argument("--minutes", type=float, default=15.0, help="training budget per system (wall clock)")
+    parser.add_argument("--n", type=int, default=1000, help="samples per scored row (same N for every row)")
+    parser.add_argument("--samplers", nargs="+", default=["dpmpp-20", "ddim-100"], help="NAME-STEPS, e.g. dpmpp-20")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--out", default="bench/results/anchors", help="checkpoints, grids and JSON go here")
+    parser.add_argument("--table", action="store_true", help="only print the table from earlier results")
+    parser.add_argument("--only", choices=SYSTEMS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.only:
+        return run_one(args)
+    if not args.table:
+        for system in args.systems:
+            cmd = [sys.executable, __file__, "--only", system, *sys.argv[1:]]
+            if subprocess.run(cmd).returncode:
+                print(f"{system}: failed (see above)")
+    print_table(Path(args.out), args.systems)
+
+
+if __name__ == "__main__":
+    main()
