@@ -19,7 +19,16 @@ from diffusion.config import Config
 from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
 from diffusion.sampling import generate, load_for_sampling
 
-GRID = [(s, n) for s in ("dpmpp", "ddim") for n in (5, 10, 20, 50, 100)] + [("ddpm", 1000)]
+FAMILIES = ("dpmpp:0", "dpmpp:1", "ddim:0", "ddim:1", "ddpm")  # sampler:eta (eta 1 = stochastic, ancestral-like)
+STEPS = (5, 10, 20, 50, 100)
+
+
+def grid(families) -> list[tuple[str, float, int]]:
+    rows = []
+    for family in families:
+        sampler, _, eta = family.partition(":")
+        rows += [("ddpm", 0.0, 1000)] if sampler == "ddpm" else [(sampler, float(eta or 0), n) for n in STEPS]
+    return rows
 
 
 def seconds_for_16(net, cfg, device) -> float:
@@ -37,7 +46,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500, help="samples per configuration (same N for every row)")
     parser.add_argument("--per-digit", type=int, default=100, help="samples per digit for the --digit check")
     parser.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's config")
-    parser.add_argument("--skip-ddpm", action="store_true", help="leave out the slow 1000-step row")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
+                        help="sampler:eta rows to measure (ddpm is the slow 1000-step row)")
     parser.add_argument("--digits-only", action="store_true", help="only the --digit check")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -49,17 +59,15 @@ def main() -> None:
     floor = scorecard(clf, floor_images, reference, train)
     rows = []
     print(f"checkpoint {path}, guidance {cfg.guidance}, N = {args.n}; real-data floor FD {floor['fd']:.2f}\n")
-    print("| sampler | steps | FD (N=%d) | precision | recall | confidence | s / 16 digits |" % args.n)
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for sampler, steps in [] if args.digits_only else GRID:
-        if sampler == "ddpm" and args.skip_ddpm:
-            continue
-        c = dataclasses.replace(cfg, sampler=sampler, sample_steps=steps)
+    print("| sampler | eta | steps | FD (N=%d) | precision | recall | confidence | s / 16 digits |" % args.n)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for sampler, eta, steps in [] if args.digits_only else grid(args.families):
+        c = dataclasses.replace(cfg, sampler=sampler, sample_steps=steps, eta=eta)
         images = sample_for_scoring(net, c, device, args.n)
         card = scorecard(clf, images, reference, train)
-        card.update(sampler=sampler, steps=steps, seconds_16=seconds_for_16(net, c, device))
+        card.update(sampler=sampler, eta=eta, steps=steps, seconds_16=seconds_for_16(net, c, device))
         rows.append(card)
-        print(f"| {sampler} | {steps} | {card['fd']:.2f} | {card['precision']:.3f} | {card['recall']:.3f} | "
+        print(f"| {sampler} | {eta:g} | {steps} | {card['fd']:.2f} | {card['precision']:.3f} | {card['recall']:.3f} | "
               f"{card['confidence']:.3f} | {card['seconds_16']:.2f} |", flush=True)
     hits = []
     for d in range(cfg.num_classes):

@@ -84,8 +84,13 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 50, 
 @torch.inference_mode()
 def sample_dpmpp(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 20, *,
                  generator: torch.Generator | None = None, callback: Callback = None,
-                 clip_x0: bool = True, **_) -> torch.Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (multistep, data prediction), log-SNR spacing."""
+                 clip_x0: bool = True, eta: float = 0.0, **_) -> torch.Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (multistep, data prediction), log-SNR spacing.
+
+    eta = 0 is the ODE solver; eta = 1 is SDE-DPM-Solver++(2M) from the same paper: each step keeps only
+    e^{-h} of the current noise and adds fresh noise, like the ancestral sampler, which hides the small
+    errors of a briefly trained model that a deterministic path carries to the end.
+    """
     ts = logsnr_timesteps(s, steps)
     alpha, sigma = s.alpha_bar.sqrt(), (1 - s.alpha_bar).sqrt()
     lam = (alpha / sigma).log()  # lambda_t = log(alpha_t / sigma_t), half the log-SNR
@@ -99,7 +104,10 @@ def sample_dpmpp(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 20,
             h = lam[u] - lam[t]
             # D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1} with r = h_prev / h; plain x0 on the first step
             d = x0 if x0_prev is None else x0 + h / (2 * h_prev) * (x0 - x0_prev)
-            x = (sigma[u] / sigma[t]) * x - alpha[u] * torch.expm1(-h) * d
+            x = (sigma[u] / sigma[t]) * torch.exp(-eta * h) * x - alpha[u] * torch.expm1(-(1 + eta) * h) * d
+            if eta > 0:
+                z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+                x = x + sigma[u] * (-torch.expm1(-2 * eta * h)).sqrt() * z
             x0_prev, h_prev = x0, h
         if callback:
             callback(i, x, x0)

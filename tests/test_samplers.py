@@ -56,6 +56,29 @@ def test_dpmpp_second_order_beats_first_order_at_few_steps(s):
     assert abs(dpm - std) < abs(ddim - std) / 2
 
 
+@pytest.mark.parametrize("steps", [20, 50])
+def test_sde_dpmpp_with_oracle_recovers_gaussian_data(s, steps):
+    mu, std = 0.3, 0.5
+    out = sample_dpmpp(gaussian_oracle(mu, std, s), noise(), s, steps, clip_x0=False, eta=1.0,
+                       generator=torch.Generator().manual_seed(2))
+    assert out.mean().item() == pytest.approx(mu, abs=0.02)
+    assert out.std().item() == pytest.approx(std, rel=0.05)
+
+
+def test_sde_dpmpp_first_step_is_ddpm_posterior(s):
+    """With eta = 1 and no history, a DPM-Solver++ step is a draw from q(x_u | x_t, x0_pred) (= DDIM eta = 1)."""
+    model, x = gaussian_oracle(0.3, 0.5, s), noise(100)
+    first = []
+    sample_dpmpp(model, x, s, 10, eta=1.0, clip_x0=False, generator=torch.Generator().manual_seed(3),
+                 callback=lambda i, xt, x0: first.append(xt) if i == 0 else None)
+    t, u = logsnr_timesteps(s, 10)[:2]
+    tt = torch.full((100,), t)
+    eps = model(x, tt)
+    mean, std = ddim_step(predict_x0(x, tt, eps, s), eps, s.alpha_bar[t], s.alpha_bar[u], eta=1.0)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    assert torch.allclose(first[0], mean + std * z, atol=1e-10)
+
+
 def test_ddim_eta1_consecutive_step_is_ddpm_posterior(s):
     g = torch.Generator().manual_seed(1)
     xt, eps = torch.randn(5, 1, 2, 2, generator=g, dtype=F64), torch.randn(5, 1, 2, 2, generator=g, dtype=F64)
