@@ -4,7 +4,8 @@ Not a test: run it on an idle machine (each system trains in its own process, on
 
     pip install -e ".[bench]"
     python -m diffusion.classifier --data-root ../shared/data           # the scorecard's classifier, once
-    python bench/anchors.py --data-root ../shared/data --minutes 15 --n 1000
+    python bench/anchors.py --data-root ../shared/data --minutes 15 --n 500
+    python bench/anchors.py --data-root ../shared/data --n 500 --rescore --samplers ddim-50:1   # more rows, no training
 
 "The same way" means the product's own training step for every network (L_simple, linear schedule, T = 1000,
 AdamW 2e-3, 200 warm-up steps then cosine to zero at the end of the budget, gradient clipping, EMA 0.999,
@@ -107,6 +108,13 @@ def train_for(run: Run, seconds: float) -> dict:
             "params": sum(p.numel() for p in run.model.parameters()), "loss_curve": losses}
 
 
+def parse_sampler(spec: str) -> tuple[str, int, float]:
+    """'dpmpp-20' -> ('dpmpp', 20, 0.0); 'dpmpp-20:1' -> eta 1 (the stochastic variant)."""
+    name_steps, _, eta = spec.partition(":")
+    name, steps = name_steps.split("-")
+    return name, int(steps), float(eta or 0)
+
+
 def score(run: Run, args) -> list[dict]:
     from diffusion.classifier import load_classifier
     from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
@@ -117,8 +125,8 @@ def score(run: Run, args) -> list[dict]:
     net, rows = run.ema.module.eval(), []
     modes = ["guided", "unconditional"] if run.cfg.num_classes else ["unconditional"]
     for sampler in args.samplers:
-        name, steps = sampler.split("-")
-        cfg = dataclasses.replace(run.cfg, sampler=name, sample_steps=int(steps), guidance=2.0)
+        name, steps, eta = parse_sampler(sampler)
+        cfg = dataclasses.replace(run.cfg, sampler=name, sample_steps=steps, eta=eta, guidance=2.0)
         for mode in modes:
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -128,7 +136,7 @@ def score(run: Run, args) -> list[dict]:
             rows.append(card)
             print(f"{args.only} {sampler} {mode}: FD {card['fd']:.1f}, precision {card['precision']:.3f}, "
                   f"recall {card['recall']:.3f}", flush=True)
-            grid = Path(args.out) / f"{args.only}_{sampler}_{mode}.png"
+            grid = Path(args.out) / f"{args.only}_{sampler.replace(':', '_eta')}_{mode}.png"
             save_grid(images[:64].float().div(127.5).sub(1), grid, nrow=8)
     rows.append({"mode": "floor", **scorecard(clf, floor_images, reference, train)})
     return rows
@@ -138,10 +146,17 @@ def run_one(args) -> None:
     torch.manual_seed(0)
     cfg = Config(data_root=args.data_root, ckpt_dir=str(Path(args.out) / args.only))
     run = make_run(args.only, cfg)
-    result = {"system": args.only, "description": DESCRIPTION[args.only], **train_for(run, args.minutes * 60)}
-    torch.save(run.ema.module.state_dict(), Path(args.out) / f"{args.only}_ema.pth")
-    result["scores"] = score(run, args)
-    (Path(args.out) / f"{args.only}.json").write_text(json.dumps(result, indent=1))
+    weights, report = Path(args.out) / f"{args.only}_ema.pth", Path(args.out) / f"{args.only}.json"
+    if args.rescore:  # new sampler rows for the weights trained earlier; other rows are kept
+        result = json.loads(report.read_text())
+        run.ema.module.load_state_dict(torch.load(weights, weights_only=True))
+        result["scores"] = [r for r in result["scores"] if r["mode"] != "floor" and r["sampler"] not in args.samplers]
+    else:
+        result = {"system": args.only, "description": DESCRIPTION[args.only], **train_for(run, args.minutes * 60),
+                  "scores": []}
+        torch.save(run.ema.module.state_dict(), weights)
+    result["scores"] += score(run, args)
+    report.write_text(json.dumps(result, indent=1))
 
 
 def print_table(out: Path, systems) -> None:
@@ -158,8 +173,9 @@ def print_table(out: Path, systems) -> None:
         for s in r["scores"]:
             if s["mode"] == "floor":
                 continue
+            name, steps, eta = parse_sampler(s["sampler"])
             print(f"| {r['description']} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | {r['steps']} | "
-                  f"{s['sampler']} | {'w = 2' if s['mode'] == 'guided' else 'none'} | {s['fd']:.1f} | "
+                  f"{name}-{steps}{f', eta {eta:g}' if eta else ''} | {'w = 2' if s['mode'] == 'guided' else 'none'} | {s['fd']:.1f} | "
                   f"{s['precision']:.3f} | {s['recall']:.3f} | {s['confidence']:.3f} | {s['class_kl_uniform']:.3f} |")
 
 
@@ -171,10 +187,12 @@ def main() -> None:
     parser.add_argument("--classifier", default=str(DEFAULT_PATH))
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget per system (wall clock)")
     parser.add_argument("--n", type=int, default=1000, help="samples per scored row (same N for every row)")
-    parser.add_argument("--samplers", nargs="+", default=["dpmpp-20", "ddim-100"], help="NAME-STEPS, e.g. dpmpp-20")
+    parser.add_argument("--samplers", nargs="+", default=["dpmpp-20", "ddim-100", "dpmpp-20:1"],
+                        help="NAME-STEPS[:ETA], e.g. dpmpp-20, or dpmpp-20:1 for the stochastic variant")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--out", default="bench/results/anchors", help="checkpoints, grids and JSON go here")
     parser.add_argument("--table", action="store_true", help="only print the table from earlier results")
+    parser.add_argument("--rescore", action="store_true", help="score saved weights with --samplers, no training")
     parser.add_argument("--only", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
