@@ -55,7 +55,7 @@ class Config:
     # --- sampling ---
     sampler: str = "dpmpp"  # ddpm (all T steps) | ddim | dpmpp (DPM-Solver++(2M))
     sample_steps: int = 10  # steps for ddim / dpmpp (dpmpp-10: 0.7 s for 16 digits, see README)
-    eta: float = 0.0  # ddim / dpmpp noise: 0 deterministic (ODE), 1 = DDPM posterior variance (SDE)
+    eta: float = 1.0  # ddim / dpmpp noise: 0 deterministic (ODE), 1 = DDPM posterior variance (SDE)
     guidance: float = 2.0  # eps_u + w (eps_c - eps_u); 1 = conditional only, 0 = unconditional
     clip_x0: bool = True  # clip predicted x0 to [-1, 1] during sampling
     # --- I/O ---
