@@ -6,6 +6,7 @@ Not a test: run it on an idle machine (each system trains in its own process, on
     python -m diffusion.classifier --data-root ../shared/data           # the scorecard's classifier, once
     python bench/anchors.py --data-root ../shared/data --minutes 15 --n 500
     python bench/anchors.py --data-root ../shared/data --n 500 --rescore --samplers ddim-50:1   # more rows, no training
+    python bench/anchors.py --data-root ../shared/data --eps-error    # test-set noise error of the saved weights
 
 "The same way" means the product's own training step for every network (L_simple, linear schedule, T = 1000,
 AdamW 2e-3, 200 warm-up steps then cosine to zero at the end of the budget, gradient clipping, EMA 0.999,
@@ -159,6 +160,27 @@ def run_one(args) -> None:
     report.write_text(json.dumps(result, indent=1))
 
 
+@torch.no_grad()
+def eps_error(args, timesteps=(999, 900, 500, 200, 50, 5), n: int = 500) -> None:
+    """Test-set mean squared error of each saved EMA's noise prediction at a few t (same x0, noise and labels)."""
+    from diffusion.dataloader import load_images, to_unit_range
+    from diffusion.diffusion_utils import q_sample
+
+    cfg = Config(data_root=args.data_root)
+    images, labels = load_images(cfg, train=False)
+    x0, y = to_unit_range(images[:n]), labels[:n]
+    print("\n| system | " + " | ".join(f"t = {t}" for t in timesteps) + " |\n|" + " --- |" * (len(timesteps) + 1))
+    for system in args.systems:
+        run = make_run(system, dataclasses.replace(cfg, limit_train=cfg.batch_size))
+        net = run.ema.module.eval()
+        net.load_state_dict(torch.load(Path(args.out) / f"{system}_ema.pth", weights_only=True))
+        g, errors = torch.Generator().manual_seed(0), []
+        for t in timesteps:
+            tt, eps = torch.full((n,), t), torch.randn(x0.shape, generator=g)
+            errors.append(((net(q_sample(x0, tt, eps, run.schedule), tt, y) - eps) ** 2).mean().item())
+        print(f"| {system} | " + " | ".join(f"{e:.4f}" for e in errors) + " |")
+
+
 def print_table(out: Path, systems) -> None:
     results = [json.loads((out / f"{s}.json").read_text()) for s in systems if (out / f"{s}.json").exists()]
     if not results:
@@ -193,11 +215,14 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/anchors", help="checkpoints, grids and JSON go here")
     parser.add_argument("--table", action="store_true", help="only print the table from earlier results")
     parser.add_argument("--rescore", action="store_true", help="score saved weights with --samplers, no training")
+    parser.add_argument("--eps-error", action="store_true", help="noise-prediction error of saved weights against t")
     parser.add_argument("--only", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.only:
         return run_one(args)
+    if args.eps_error:
+        return eps_error(args)
     if not args.table:
         for system in args.systems:
             cmd = [sys.executable, __file__, "--only", system, *sys.argv[1:]]
