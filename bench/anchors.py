@@ -28,11 +28,9 @@ from pathlib import Path
 
 import torch
 from torch.optim.swa_utils import AveragedModel
-from tqdm import tqdm
 
 from diffusion.config import Config
-from diffusion.dataloader import batches
-from diffusion.train import Run, ema_multi_avg_fn
+from diffusion.train import Run, ema_multi_avg_fn, train_one_epoch
 
 SYSTEMS = ("ours", "diffusers", "lucidrains")
 DESCRIPTION = {
@@ -84,29 +82,30 @@ def make_run(system: str, cfg: Config) -> Run:
     return run
 
 
+class Deadline:
+    """Stands in for train.StopFlag: asks the product's epoch loop to stop once the budget is spent."""
+
+    def __init__(self, seconds: float):
+        self.end = time.perf_counter() + seconds
+
+    @property
+    def signum(self) -> int:
+        return int(time.perf_counter() >= self.end)
+
+
 def train_for(run: Run, seconds: float) -> dict:
-    """Train until the wall-clock budget is spent; the learning rate follows warm-up, then cosine in time."""
+    """Train with the product's epoch loop until the wall-clock budget is spent; the learning rate
+    follows the usual warm-up, then a cosine in elapsed time instead of steps."""
     cfg, t0 = run.cfg, time.perf_counter()
     progress = lambda: min(1.0, (time.perf_counter() - t0) / seconds)  # noqa: E731
     run.sched = torch.optim.lr_scheduler.LambdaLR(
         run.opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress())))
-    bar = tqdm(total=round(seconds), desc="training", unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total} s {postfix}")
-    losses, epoch = [], 0
-    while progress() < 1:
-        for x0, y in batches(run.images, run.labels, run.epoch_order(epoch), cfg.batch_size):
-            loss = run.train_step(x0, y)
-            run.step += 1
-            if run.step % 50 == 0:
-                losses.append([run.step, loss.item()])
-                bar.n = time.perf_counter() - t0
-                bar.set_postfix(step=run.step, loss=f"{losses[-1][1]:.4f}")
-            if progress() >= 1:
-                break
-        epoch += 1
-    bar.close()
+    deadline = Deadline(seconds)
+    while train_one_epoch(run, deadline):
+        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
     elapsed = time.perf_counter() - t0
     return {"steps": run.step, "seconds": round(elapsed, 1), "images_per_s": round(run.step * cfg.batch_size / elapsed, 1),
-            "params": sum(p.numel() for p in run.model.parameters()), "loss_curve": losses}
+            "params": sum(p.numel() for p in run.model.parameters()), "loss_curve": run.curve}
 
 
 def parse_sampler(spec: str) -> tuple[str, int, float]:
