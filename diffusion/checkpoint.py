@@ -18,6 +18,7 @@ from diffusion.errors import UserError
 
 LATEST = "latest"  # a text file holding the name of the newest checkpoint
 REQUIRED_KEYS = ("model", "ema", "config", "epoch", "step")
+FORMAT = 2  # 2: linear betas scaled by 1000 / T (format 1 used 1e-4..0.02 for every T)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -32,15 +33,27 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable where the OS allows it. Best effort: Windows refuses to open a folder
+    (PermissionError), and there os.replace is atomic all the same."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(dir_fd)
+    except OSError:
+        pass
     finally:
         os.close(dir_fd)
 
 
 def save_checkpoint(state: dict, path: Path, keep_last: int = 0) -> None:
-    """Atomically write `state` to `path`, point `latest` at it, and prune old epoch checkpoints."""
+    """Atomically write `state` to `path`, point `latest` at it, and prune old checkpoints: timed
+    snapshots (step_*.pth) that a newer checkpoint supersedes, and all but the newest `keep_last`."""
     path = Path(path)
     try:
         _atomic_write(path, lambda f: torch.save(state, f))
@@ -48,25 +61,39 @@ def save_checkpoint(state: dict, path: Path, keep_last: int = 0) -> None:
     except OSError as err:
         raise UserError(f"could not write checkpoint {path}: {err.strerror or err}; "
                         "the previous checkpoint is untouched") from None
+    for old in path.parent.glob("step_*.pth"):
+        if old != path:
+            old.unlink(missing_ok=True)
     if keep_last:
-        for old in sorted(path.parent.glob("epoch_*.pth"))[:-keep_last]:
+        saved = sorted([*path.parent.glob("epoch_*.pth"), *path.parent.glob("step_*.pth")], key=_age)
+        for old in saved[:-keep_last]:
             if old != path:
                 old.unlink(missing_ok=True)
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Path:
-    """The checkpoint named by `latest`, else the newest epoch_*.pth; a clear error when there is none."""
+def _age(path: Path) -> tuple[float, str]:
+    return path.stat().st_mtime, path.name
+
+
+def find_latest(ckpt_dir: Path) -> Path | None:
+    """The checkpoint named by `latest`, else the newest *.pth in the folder, else None."""
     ckpt_dir = Path(ckpt_dir)
     pointer = ckpt_dir / LATEST
     if pointer.exists():
         target = ckpt_dir / pointer.read_text().strip()
-        if target.exists():
+        if target.is_file():
             return target
-    found = sorted(ckpt_dir.glob("epoch_*.pth"))
-    if not found:
+    found = sorted(ckpt_dir.glob("*.pth"), key=_age)
+    return found[-1] if found else None
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path:
+    """find_latest, with a clear error when the folder holds no checkpoint."""
+    found = find_latest(ckpt_dir)
+    if found is None:
         raise UserError(f"no checkpoint in {ckpt_dir}; train first with `python -m diffusion.main` "
                         "or pass --checkpoint PATH")
-    return found[-1]
+    return found
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -87,22 +114,31 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
                         f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise UserError(f"{path} is not a checkpoint of this project (expected keys {', '.join(REQUIRED_KEYS)})")
+    saved = state["config"]
+    if state.get("format", 1) < 2 and saved.get("schedule") == "linear" and saved.get("timesteps") != 1000:
+        raise UserError(f"{path} was trained by an earlier version with an unscaled linear schedule at "
+                        f"T = {saved.get('timesteps')}, whose x_T is not pure noise; retrain it with this version")
     return state
 
 
+# what a network was trained for: its architecture, and the noise schedule whose alpha_bar it learned
 ARCHITECTURE = ("channels", "image_size", "num_classes", "base_channels", "channel_mults", "num_res_blocks",
                 "attention_resolutions")
+NOISE_SCHEDULE = ("timesteps", "schedule", "beta_start", "beta_end")
+TRAINED_FIELDS = ARCHITECTURE + NOISE_SCHEDULE
 
 
-def check_architecture(saved: dict, cfg, path: Path) -> None:
-    """One line naming the first architecture field where a checkpoint and the config disagree."""
-    for name in ARCHITECTURE:
+def check_trained_fields(saved: dict, cfg, path: Path) -> None:
+    """One line naming the first field fixed by training where a checkpoint and the config disagree."""
+    for name in TRAINED_FIELDS:
         mine, theirs = getattr(cfg, name), saved.get(name)
         if isinstance(theirs, list):
             theirs = tuple(theirs)
         if theirs is not None and mine != theirs:
-            raise UserError(f"{path} was trained with {name}={theirs!r}, but the config asks for {mine!r}; "
-                            f"drop --{name.replace('_', '-')} or use a matching checkpoint")
+            flag = "--" + name.replace("_", "-")
+            value = " ".join(map(str, theirs)) if isinstance(theirs, tuple) else theirs
+            raise UserError(f"{path} was trained with {flag} {value}, but {mine!r} was asked for: the network only "
+                            f"knows what it was trained on; give {flag} {value} or leave it out, or use another checkpoint")
 
 
 def load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
+from diffusion.diffusion_utils import final_alpha_bar
 from diffusion.errors import UserError
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 DATASETS = ("mnist", "fashion-mnist", "folder")
+MAX_FINAL_ALPHA_BAR = 1e-2  # x_T must be this close to N(0, I): samplers start there
 
 
 @dataclass
@@ -42,7 +45,7 @@ class Config:
     lr: float = 2e-3  # AdamW peak learning rate; high because the net is small
     weight_decay: float = 0.0
     warmup_steps: int = 200  # linear LR warm-up, then cosine decay to zero
-    grad_clip: float = 1.0  # max gradient norm
+    grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
     ema_decay: float = 0.999  # EMA of weights, with warm-up min(decay, (1+n)/(10+n))
     p_uncond: float = 0.1  # chance of dropping a label to "no label" (classifier-free guidance)
     amp: str = "auto"  # bf16 autocast: auto (CUDA only) | bf16 | none; on CPUs measure first, see README
@@ -55,13 +58,15 @@ class Config:
     # --- sampling ---
     sampler: str = "dpmpp"  # ddpm (all T steps) | ddim | dpmpp (DPM-Solver++(2M))
     sample_steps: int = 10  # steps for ddim / dpmpp (dpmpp-10: 0.7 s for 16 digits, see README)
+    sample_batch: int = 64  # images per sampling batch; bigger batches run slower per image on a CPU (cache)
     eta: float = 1.0  # ddim / dpmpp noise: 0 deterministic (ODE), 1 = DDPM posterior variance (SDE)
     guidance: float = 2.0  # eps_u + w (eps_c - eps_u); 1 = conditional only, 0 = unconditional
     clip_x0: bool = True  # clip predicted x0 to [-1, 1] during sampling
     # --- I/O ---
     ckpt_dir: str = os.path.join("diffusion", "checkpoints")
     out_dir: str = os.path.join("diffusion", "outputs")
-    keep_last: int = 0  # keep only the newest K epoch checkpoints (0 = keep all)
+    keep_last: int = 0  # keep only the newest K checkpoints, epoch and timed (0 = keep all)
+    save_every: str = "5min"  # also checkpoint every N minutes ("5min") or steps ("200steps"); "0" = epochs only
     sample_every: int = 1  # epochs between preview grids (0 = never)
 
     def __post_init__(self) -> None:
@@ -72,7 +77,7 @@ class Config:
     def validate(self) -> None:
         """Reject settings that make no sense, once, with one readable line."""
         positive = ("epochs", "batch_size", "timesteps", "lr", "base_channels", "num_res_blocks",
-                    "image_size", "channels", "sample_steps", "log_every")
+                    "image_size", "channels", "sample_steps", "sample_batch", "log_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -80,12 +85,16 @@ class Config:
                      "warmup_steps", "grad_clip", "guidance", "eta"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        parse_interval(self.save_every)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("dataset", self.dataset, DATASETS)
         _choice("amp", self.amp, ("auto", "bf16", "none"))
         if not 0 < self.beta_start < self.beta_end < 1:
             raise UserError(f"need 0 < --beta-start < --beta-end < 1, got {self.beta_start}, {self.beta_end}")
+        self._validate_noise_schedule()
+        if self.sample_steps > self.timesteps:
+            raise UserError(f"--steps {self.sample_steps} exceeds the {self.timesteps} timesteps of the diffusion")
         if not 0 <= self.p_uncond <= 1 or not 0 <= self.ema_decay < 1 or not 0 <= self.dropout < 1:
             raise UserError("--p-uncond must be in [0, 1], --ema-decay and --dropout in [0, 1)")
         if not self.channel_mults or min(self.channel_mults) < 1:
@@ -97,8 +106,36 @@ class Config:
             raise UserError(f"--image-size {self.image_size} must divide by {factor}, the U-Net's "
                             f"downsampling factor for {len(self.channel_mults)} levels")
 
+    def _validate_noise_schedule(self) -> None:
+        """Every sampler starts from N(0, I), so the forward process must actually end there."""
+        scale = 1000 / self.timesteps  # linear betas are scaled to T, see diffusion_utils.linear_betas
+        if self.schedule == "linear" and self.beta_end * scale >= 1:
+            raise UserError(f"--timesteps {self.timesteps} is too few for the linear schedule: its last beta "
+                            f"would be {self.beta_end * scale:.2f} >= 1; use at least {math.floor(self.beta_end * 1000) + 1}")
+        left = final_alpha_bar(self.schedule, self.timesteps, self.beta_start, self.beta_end)
+        if left > MAX_FINAL_ALPHA_BAR:
+            raise UserError(f"this noise schedule leaves alpha_bar_T = {left:.3g} of the signal at t = T, so x_T is "
+                            f"not pure noise (need <= {MAX_FINAL_ALPHA_BAR}); raise --beta-end or --timesteps")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_interval(text: str) -> tuple[float, str]:
+    """'5min' -> (5.0, 'min'), '200steps' -> (200, 'steps'), '0' -> (0, 'off'); else a UserError."""
+    text = text.strip().lower()
+    if text in ("0", "off", "never"):
+        return 0, "off"
+    for unit, cast in (("min", float), ("steps", int)):
+        number = text.removesuffix(unit)
+        if number != text:
+            try:
+                amount = cast(number)
+            except ValueError:
+                break
+            if amount > 0:
+                return amount, unit
+    raise UserError(f"--save-every takes minutes or steps, like 5min or 200steps (0 = only at epoch ends); got {text!r}")
 
 
 def _flag(name: str) -> str:

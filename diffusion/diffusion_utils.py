@@ -43,8 +43,11 @@ class Schedule:
 
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02 (scaled so any T keeps the same ends)."""
-    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    """Ho et al. 2020, Sec. 4: betas linear from 1e-4 to 0.02 at T = 1000, scaled by 1000 / T for other T
+    (Nichol & Dhariwal 2021's convention), so that x_T is close to N(0, I) for every T: unscaled, T = 100
+    would leave alpha_bar_T = 0.36 and every sampler would start from the wrong distribution."""
+    scale = 1000 / T
+    return torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64)
 
 
 def cosine_betas(T: int, s: float = 0.008) -> torch.Tensor:
@@ -67,6 +70,12 @@ def make_schedule(kind: str = "linear", T: int = 1000, beta_start: float = 1e-4,
 
 def schedule_from_config(cfg) -> Schedule:
     return make_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
+
+
+def final_alpha_bar(kind: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:
+    """alpha_bar_T in float64: how much signal is left where sampling starts from pure noise."""
+    beta = linear_betas(T, beta_start, beta_end) if kind == "linear" else cosine_betas(T)
+    return torch.prod(1 - beta).item() if beta.max() < 1 else 0.0
 
 
 def at(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

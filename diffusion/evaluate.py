@@ -9,11 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 from PIL import Image
 
@@ -35,18 +33,35 @@ def embed(net: DigitCNN, images: torch.Tensor, batch: int = 1000) -> tuple[torch
     return torch.cat(feats), torch.cat(probs)
 
 
+def sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a symmetric positive semi-definite matrix (float64 eigendecomposition)."""
+    values, vectors = torch.linalg.eigh(m)
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), the Frechet distance of two Gaussians.
+
+    (S_a^1/2 S_b S_a^1/2)^1/2 has the trace of (S_a S_b)^1/2 but is symmetric, so eigh gives it exactly
+    even when the covariances do not commute or are singular (a collapsed sample set).
+    """
+    root_a = sqrt_psd(cov_a)
+    middle = root_a @ cov_b @ root_a
+    trace_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * trace_covmean)
+
+
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), Heusel et al. 2017, on feature sets (N, D)."""
-    mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
-    cov_a, cov_b = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
-    with warnings.catch_warnings():  # a collapsed set has a singular covariance; the distance is still defined
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
-    covmean = covmean.real if np.iscomplexobj(covmean) else covmean  # drop round-off imaginary parts
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+    """Frechet distance between Gaussians fitted to feature sets (N, D), Heusel et al. 2017."""
+    a, b = a.double(), b.double()
+    return frechet_distance_gaussians(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+K_NEAREST = 3  # neighbourhood size of the precision/recall manifolds
+MIN_IMAGES = K_NEAREST + 1  # each image needs K others to define its k-NN ball
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = K_NEAREST) -> tuple[float, float]:
     """Kynkaanniemi et al. 2019: a sample is 'in' a set's manifold if inside some member's k-NN ball."""
     def radii(x):  # distance to the k-th nearest neighbour, self excluded
         return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
@@ -57,16 +72,34 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     return coverage(fake, real, radii(real)), coverage(real, fake, radii(fake))
 
 
-def nearest_train_distance(images: torch.Tensor, train: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Pixel L2 distance (in [0, 1] units) from each image to its nearest training image."""
-    ref = train.flatten(1).float() / 255
-    return torch.cat([torch.cdist(images[i:i + batch].flatten(1).float() / 255, ref).min(1).values
+def check_enough(images: torch.Tensor) -> None:
+    if len(images) < MIN_IMAGES:
+        raise UserError(f"need at least {MIN_IMAGES} images to score (k-nearest neighbours with k = {K_NEAREST}), "
+                        f"got {len(images)}")
+
+
+NEAR_COPY_RATIO = 1 / 3  # nearest / second-nearest training distance below this = a near-copy of one image
+
+
+def nearest_train_distances(images: torch.Tensor, train: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """(N, 2) float64 pixel L2 distances (in [0, 1] units) from each image to its two nearest training images."""
+    ref = train.flatten(1).double() / 255
+    return torch.cat([torch.cdist(images[i:i + batch].flatten(1).double() / 255, ref).topk(2, largest=False).values
                       for i in range(0, len(images), batch)])
+
+
+def memorisation(images: torch.Tensor, train: torch.Tensor) -> dict:
+    """Median distance to the nearest training image, and the fraction of images much closer to one
+    training image than to any other (a copy, not a new digit that happens to resemble many)."""
+    d = nearest_train_distances(images, train)
+    near_copy = (d[:, 0] < NEAR_COPY_RATIO * d[:, 1]) | (d[:, 0] == 0)
+    return {"nn_train_distance_median": d[:, 0].median().item(), "near_copy_fraction": near_copy.double().mean().item()}
 
 
 def scorecard(net: DigitCNN, images: torch.Tensor, reference: torch.Tensor, train: torch.Tensor,
               digit: int | None = None) -> dict:
     """All scores for one set of uint8 images against the reference (test) set."""
+    check_enough(images)
     feats, probs = embed(net, images)
     ref_feats, _ = embed(net, reference)
     precision, recall = precision_recall(ref_feats, feats)
@@ -74,8 +107,7 @@ def scorecard(net: DigitCNN, images: torch.Tensor, reference: torch.Tensor, trai
     kl = float(sum(p * math.log(p * len(hist)) for p in hist.tolist() if p > 0))
     card = {"n": len(images), "fd": frechet_distance(feats, ref_feats), "precision": precision, "recall": recall,
             "confidence": probs.max(1).values.mean().item(), "class_kl_uniform": kl,
-            "class_histogram": [round(p, 4) for p in hist.tolist()],
-            "nn_train_distance_median": nearest_train_distance(images, train).median().item()}
+            "class_histogram": [round(p, 4) for p in hist.tolist()], **memorisation(images, train)}
     if digit is not None:
         card["digit_accuracy"] = (probs.argmax(1) == digit).float().mean().item()
     return card
@@ -108,7 +140,8 @@ def format_table(card: dict, floor: dict) -> str:
     rows = [("Frechet distance (classifier features)", "fd", "{:.3f}"), ("precision (k=3)", "precision", "{:.3f}"),
             ("recall (k=3)", "recall", "{:.3f}"), ("mean classifier confidence", "confidence", "{:.3f}"),
             ("KL(class histogram || uniform)", "class_kl_uniform", "{:.4f}"),
-            ("median L2 to nearest training image", "nn_train_distance_median", "{:.3f}")]
+            ("median L2 to nearest training image", "nn_train_distance_median", "{:.3f}"),
+            ("near-copies of a training image", "near_copy_fraction", "{:.3f}")]
     if "digit_accuracy" in card:
         rows.append(("fraction classified as --digit", "digit_accuracy", "{:.3f}"))
     lines = [f"{'score (N = ' + str(card['n']) + ')':<42}{'samples':>10}{'real floor':>12}"]
@@ -131,25 +164,23 @@ def real_sets(cfg: Config, n: int, seed: int = 0):
 
 def evaluate(images: torch.Tensor, cfg: Config, classifier: Path, digit: int | None = None) -> tuple[dict, dict]:
     """(scorecard of the samples, scorecard of real training images at the same N)."""
+    check_enough(images)
     net = load_classifier(classifier)
     reference, floor_images, train = real_sets(cfg, len(images))
     card = scorecard(net, images, reference, train, digit)
     # the floor's memorisation column: held-out test images against the training set
     floor = scorecard(net, floor_images, reference, train, digit)
-    floor["nn_train_distance_median"] = nearest_train_distance(reference, train).median().item()
+    floor.update(memorisation(reference, train))
     return card, floor
 
 
-def sample_for_scoring(net, cfg: Config, device, n: int, digit: int | None = None, unconditional: bool = False,
-                       chunk: int = 50) -> torch.Tensor:
-    """n uint8 samples, labelled as `python -m diffusion.sampling` would label them, in chunks
-    (on a CPU, batches of a few hundred run 2x slower per image than small ones: cache misses)."""
+def sample_for_scoring(net, cfg: Config, device, n: int, digit: int | None = None,
+                       unconditional: bool = False) -> torch.Tensor:
+    """n uint8 samples, labelled and seeded as `python -m diffusion.sampling --num-images n` would."""
     from diffusion.sampling import generate, sample_labels
 
     labels = sample_labels(cfg, n, digit, False, unconditional, cfg.seed, device)
-    starts = range(0, n, chunk)
-    return torch.cat([to_uint8(generate(net, cfg, min(chunk, n - i), None if labels is None else labels[i:i + chunk],
-                                        device, seed=cfg.seed + i, progress=False)) for i in starts]).cpu()
+    return to_uint8(generate(net, cfg, n, labels, device, seed=cfg.seed, progress=False)).cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples:
         images = load_samples(Path(args.samples))
     else:
-        if args.n < 2:
-            raise UserError(f"--n must be at least 2, got {args.n}")
+        if args.n < MIN_IMAGES:
+            raise UserError(f"--n must be at least {MIN_IMAGES}, got {args.n}")
         path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(cfg.ckpt_dir))
         net, cfg, device = load_for_sampling(path, overrides, use_ema=not args.no_ema)
         images = sample_for_scoring(net, cfg, device, args.n, args.digit, args.unconditional)

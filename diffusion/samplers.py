@@ -16,19 +16,45 @@ Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
 
 def spaced_timesteps(T: int, steps: int) -> list[int]:
     """`steps` indices from T-1 (the last trained step) down to 0, evenly spaced."""
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    _check_steps(T, steps)
     return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
 
 def logsnr_timesteps(s: Schedule, steps: int) -> list[int]:
-    """Indices from T-1 to 0 evenly spaced in lambda = log(alpha/sigma), as DPM-Solver recommends for
-    small images; with the linear schedule uniform-in-t spacing puts most of lambda's change in the last
-    step, where the second-order correction then overshoots. Repeats (near t = 0) are dropped."""
-    lam = 0.5 * (s.alpha_bar.double() / (1 - s.alpha_bar.double())).log()
+    """Exactly `steps` distinct indices from T-1 to 0, as evenly spaced in lambda = log(alpha/sigma) as
+    integers allow, as DPM-Solver recommends for small images: with the linear schedule uniform-in-t
+    spacing puts most of lambda's change in the last step, where the second-order correction overshoots.
+
+    Computed in float64 on the CPU (Apple's MPS has no float64); the samplers get plain integers.
+    """
+    _check_steps(s.T, steps)
+    alpha_bar = s.alpha_bar.detach().cpu().double()
+    lam = 0.5 * (alpha_bar / (1 - alpha_bar)).log()  # increasing as t decreases
     targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
-    nearest = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
-    return sorted(set(nearest), reverse=True)
+    ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1)
+    # near t = 0 several targets can share an index: keep room for the rest, then force strict descent
+    i = torch.arange(steps)
+    ts = torch.minimum(torch.maximum(ts, steps - 1 - i), s.T - 1 - i).tolist()
+    for k in range(1, steps):
+        ts[k] = min(ts[k], ts[k - 1] - 1)
+    return ts
+
+
+def ancestral_timesteps(T: int) -> list[int]:
+    """Every index from T-1 down to 0: Algorithm 2 visits them all."""
+    return list(range(T - 1, -1, -1))
+
+
+def sampler_timesteps(sampler: str, s: Schedule, steps: int) -> list[int]:
+    """The timestep list each sampler is meant to run on; computed before the loop starts."""
+    if sampler == "ddpm":
+        return ancestral_timesteps(s.T)
+    return logsnr_timesteps(s, steps) if sampler == "dpmpp" else spaced_timesteps(s.T, steps)
+
+
+def _check_steps(T: int, steps: int) -> None:
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
 
 
 def _denoise(model: EpsModel, x: torch.Tensor, t: int, s: Schedule, clip_x0: bool):
@@ -42,11 +68,14 @@ def _denoise(model: EpsModel, x: torch.Tensor, t: int, s: Schedule, clip_x0: boo
 
 
 @torch.inference_mode()
-def sample_ddpm(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int | None = None, *,
+def sample_ddpm(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[int] | None = None, *,
                 generator: torch.Generator | None = None, callback: Callback = None,
                 clip_x0: bool = True, variance: str = "posterior", **_) -> torch.Tensor:
     """Ancestral sampling over all T steps, Algorithm 2, written as q(x_{t-1} | x_t, x0_pred)."""
-    for i, t in enumerate(range(s.T - 1, -1, -1)):
+    timesteps = ancestral_timesteps(s.T) if timesteps is None else timesteps
+    if timesteps != ancestral_timesteps(s.T):
+        raise ValueError("sample_ddpm steps through every t from T-1 to 0; use sample_ddim to skip steps")
+    for i, t in enumerate(timesteps):
         tt, _, x0 = _denoise(model, x, t, s, clip_x0)
         mean, var = q_posterior(x0, x, tt, s)  # without clipping this equals Eq. 11's mean
         if variance == "beta":  # sigma_t^2 = beta_t, the paper's other choice
@@ -65,11 +94,12 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, ab_prev: to
 
 
 @torch.inference_mode()
-def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 50, *,
+def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[int], *,
                 generator: torch.Generator | None = None, callback: Callback = None,
                 clip_x0: bool = True, eta: float = 0.0, **_) -> torch.Tensor:
-    """DDIM, Song et al. 2021, Eq. 12: eta = 0 is deterministic, eta = 1 has DDPM's posterior variance."""
-    ts = spaced_timesteps(s.T, steps)
+    """DDIM, Song et al. 2021, Eq. 12, over decreasing `timesteps` (e.g. spaced_timesteps(T, 50)):
+    eta = 0 is deterministic, eta = 1 has DDPM's posterior variance."""
+    ts = timesteps
     for i, t in enumerate(ts):
         _, eps, x0 = _denoise(model, x, t, s, clip_x0)
         ab_prev = s.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(s.alpha_bar[t])
@@ -82,16 +112,17 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 50, 
 
 
 @torch.inference_mode()
-def sample_dpmpp(model: EpsModel, x: torch.Tensor, s: Schedule, steps: int = 20, *,
+def sample_dpmpp(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[int], *,
                  generator: torch.Generator | None = None, callback: Callback = None,
                  clip_x0: bool = True, eta: float = 0.0, **_) -> torch.Tensor:
-    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (multistep, data prediction), log-SNR spacing.
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (multistep, data prediction), over decreasing
+    `timesteps` (logsnr_timesteps(s, steps) is the recommended spacing).
 
     eta = 0 is the ODE solver; eta = 1 is SDE-DPM-Solver++(2M) from the same paper: each step keeps only
     e^{-h} of the current noise and adds fresh noise, like the ancestral sampler, which hides the small
     errors of a briefly trained model that a deterministic path carries to the end.
     """
-    ts = logsnr_timesteps(s, steps)
+    ts = timesteps
     alpha, sigma = s.alpha_bar.sqrt(), (1 - s.alpha_bar).sqrt()
     lam = (alpha / sigma).log()  # lambda_t = log(alpha_t / sigma_t), half the log-SNR
     x0_prev, h_prev = None, None
@@ -129,6 +160,6 @@ def guided(net: torch.nn.Module, labels: torch.Tensor | None, w: float, null_lab
             return net(x, t, null)
         if w == 1:
             return net(x, t, labels)
-        eps_c, eps_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
-        return eps_u + w * (eps_c - eps_u)
+        eps_c, eps_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+        return eps_u + w * (eps_c - eps_u)  # in float32 even under bf16 autocast: w amplifies rounding
     return model

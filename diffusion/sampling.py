@@ -9,39 +9,63 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion.checkpoint import check_architecture, latest_checkpoint, load_checkpoint, load_weights
+from diffusion.checkpoint import check_trained_fields, latest_checkpoint, load_checkpoint, load_weights
 from diffusion.config import Config, build_parser, config_overrides, from_dict, resolve_device
 from diffusion.dataloader import to_uint8
 from diffusion.diffusion_utils import schedule_from_config
 from diffusion.errors import UserError, run_cli
 from diffusion.model import UNet, build_model
-from diffusion.samplers import SAMPLERS, guided
+from diffusion.samplers import SAMPLERS, guided, sampler_timesteps
 from diffusion.train import amp_enabled
 
 
 def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device: torch.device,
              seed: int = 0, progress: bool = True, callback=None) -> torch.Tensor:
-    """n images in [-1, 1] from cfg.sampler; labels (n,) for guided samples, None for unconditional."""
-    g = torch.Generator(device).manual_seed(seed)
-    x = torch.randn(n, cfg.channels, cfg.image_size, cfg.image_size, device=device, generator=g)
-    steps = cfg.timesteps if cfg.sampler == "ddpm" else cfg.sample_steps
-    bar = tqdm(total=steps, desc=f"sampling ({cfg.sampler}, {steps} steps)", unit="step", disable=not progress)
+    """n images in [-1, 1] from cfg.sampler, in chunks of cfg.sample_batch; labels (n,) guide them, None
+    samples unconditionally. Chunk k draws its noise from seed + k * 1_000_003, so the same command and
+    seed give the same images, and a first chunk equals a single batch of the same seed."""
+    check_guidance(cfg, labels)
+    schedule_cpu = schedule_from_config(cfg)
+    timesteps = sampler_timesteps(cfg.sampler, schedule_cpu, cfg.sample_steps)  # float64 math stays on the CPU
+    schedule = schedule_cpu.to(device)
+    starts = range(0, n, cfg.sample_batch)
+    bar = tqdm(total=len(timesteps) * len(starts), unit="step", disable=not progress,
+               desc=f"sampling ({cfg.sampler}, {len(timesteps)} steps{', %d batches' % len(starts) if len(starts) > 1 else ''})")
 
     def on_step(i, xt, x0):
         bar.update()
         if callback:
             callback(i, xt, x0)
 
-    model = guided(net.eval(), labels, cfg.guidance, null_label=cfg.num_classes)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled(cfg, device)):
-        x = SAMPLERS[cfg.sampler](model, x, schedule_from_config(cfg).to(device), steps, generator=g,
-                                  callback=on_step, clip_x0=cfg.clip_x0, eta=cfg.eta)
+    chunks = []
+    for k, start in enumerate(starts):
+        size = min(cfg.sample_batch, n - start)
+        g = torch.Generator(device).manual_seed(seed + k * 1_000_003)
+        x = torch.randn(size, cfg.channels, cfg.image_size, cfg.image_size, device=device, generator=g)
+        model = guided(net.eval(), None if labels is None else labels[start:start + size], cfg.guidance,
+                       null_label=cfg.num_classes)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled(cfg, device)):
+            x = SAMPLERS[cfg.sampler](model, x, schedule, timesteps, generator=g, callback=on_step,
+                                      clip_x0=cfg.clip_x0, eta=cfg.eta)
+        chunks.append(x.float())
     bar.close()
-    return x.float()
+    return torch.cat(chunks)
+
+
+def check_guidance(cfg: Config, labels: torch.Tensor | None) -> None:
+    """A model trained with --p-uncond 0 never learned eps_u: refuse anything that would use it."""
+    if not cfg.num_classes or cfg.p_uncond > 0:
+        return
+    if labels is None:
+        raise UserError("this model was trained with --p-uncond 0, so it has no unconditional mode; "
+                        "drop --unconditional")
+    if cfg.guidance != 1:
+        raise UserError(f"this model was trained with --p-uncond 0, so it has no unconditional eps to guide with; "
+                        f"pass --guidance 1 (got {cfg.guidance})")
 
 
 # settings of how to sample and where, as opposed to what was trained
-RUNTIME_FIELDS = ("sampler", "sample_steps", "eta", "guidance", "clip_x0", "device", "seed", "threads", "out_dir", "ckpt_dir")
+RUNTIME_FIELDS = ("sampler", "sample_steps", "sample_batch", "eta", "guidance", "clip_x0", "device", "seed", "threads", "out_dir", "ckpt_dir")
 
 
 def load_for_sampling(path: Path, overrides: dict, use_ema: bool = True) -> tuple[UNet, Config, torch.device]:
@@ -49,7 +73,7 @@ def load_for_sampling(path: Path, overrides: dict, use_ema: bool = True) -> tupl
     state = load_checkpoint(path)
     current = {name: getattr(Config(), name) for name in RUNTIME_FIELDS}  # this version's defaults, not the run's
     cfg = dataclasses.replace(from_dict(state["config"]), **{**current, **overrides})
-    check_architecture(state["config"], cfg, path)
+    check_trained_fields(state["config"], cfg, path)
     device = resolve_device(cfg.device)
     net = build_model(cfg)
     load_weights(net, state["ema" if use_ema else "model"], path)

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from diffusion.checkpoint import check_architecture, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
-from diffusion.config import Config, resolve_device
+from diffusion.checkpoint import FORMAT, check_trained_fields, find_latest, load_checkpoint, load_weights, save_checkpoint
+from diffusion.config import Config, parse_interval, resolve_device
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
 from diffusion.diffusion_utils import diffusion_loss, schedule_from_config
 from diffusion.errors import UserError
@@ -124,6 +124,8 @@ class Run:
         self.epoch_loss = torch.zeros((), device=self.device)
         self.history: list[dict] = []  # one record per epoch
         self.curve: list[list[float]] = []  # [step, loss] at every progress-bar update
+        self.save_interval = parse_interval(cfg.save_every)
+        self.saved_at = time.monotonic()
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         return epoch_order(len(self.images), self.cfg.seed, epoch, self.rank, self.world, self.cfg.batch_size)
@@ -135,11 +137,11 @@ class Run:
                 "lr_schedule": self.sched.state_dict(), "epoch": self.epoch, "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch, "epoch_loss": self.epoch_loss,
                 "generator": self.gen.get_state(), "rng": rng_state(), "history": self.history,
-                "curve": self.curve, "config": self.cfg.to_dict()}
+                "curve": self.curve, "config": self.cfg.to_dict(), "format": FORMAT}
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, self.device)
-        check_architecture(state["config"], self.cfg, path)
+        check_trained_fields(state["config"], self.cfg, path)
         load_weights(self.model, state["model"], path)
         load_weights(self.ema.module, state["ema"], path)
         try:
@@ -155,8 +157,13 @@ class Run:
             raise UserError(f"{path} cannot resume training (it lacks or mismatches optimizer state: {err})") from None
 
     def save(self, name: str) -> Path:
+        """Write a checkpoint unless the weights went non-finite (then the last good one stays `latest`)."""
         path = Path(self.cfg.ckpt_dir) / name
-        save_checkpoint(self.state(), path, self.cfg.keep_last if name.startswith("epoch_") else 0)
+        if not weights_finite(self.model, self.ema.module):
+            raise UserError(f"the weights became non-finite by step {self.step}; not saving {path.name}. "
+                            f"Last good checkpoint: {_describe_latest(self.cfg.ckpt_dir)}. Try a lower --lr")
+        save_checkpoint(self.state(), path, self.cfg.keep_last if name.startswith(("epoch_", "step_")) else 0)
+        self.saved_at = time.monotonic()
         return path
 
     # --- one step of Algorithm 1 ---
@@ -172,11 +179,18 @@ class Run:
                                   x0, self.schedule, self.gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if cfg.grad_clip:  # 0 means no clipping (clip_grad_norm_ would scale every gradient to zero)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
         self.sched.step()
         self.ema.update_parameters(self.model)
         return loss.detach()
+
+
+def weights_finite(*modules: torch.nn.Module) -> bool:
+    """True when every floating-point weight and buffer is finite (one host sync)."""
+    flags = [torch.isfinite(v).all() for m in modules for v in m.state_dict().values() if v.is_floating_point()]
+    return bool(torch.stack(flags).all())
 
 
 def amp_enabled(cfg: Config, device: torch.device) -> bool:
@@ -211,10 +225,23 @@ def train_one_epoch(run: Run, stop: StopFlag) -> bool:
             check_finite(bad_step, run)
             run.curve.append([run.step, loss.item()])
             bar.set_postfix(loss=f"{run.curve[-1][1]:.4f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
+        if snapshot_due(run):
+            check_finite(bad_step, run)
+            run.save(f"step_{run.step:08d}.pth")
         if stop_requested(stop, run):
             return False
     check_finite(bad_step, run)
     return True
+
+
+def snapshot_due(run: Run) -> bool:
+    """Whether --save-every asks for a checkpoint now (never right before the epoch's own checkpoint)."""
+    amount, unit = run.save_interval
+    if run.rank != 0 or unit == "off" or run.batch_in_epoch == run.steps_per_epoch:
+        return False
+    if unit == "steps":
+        return run.step % amount == 0
+    return time.monotonic() - run.saved_at >= 60 * amount
 
 
 def stop_requested(stop: StopFlag, run: Run) -> bool:
@@ -236,10 +263,7 @@ def check_finite(bad_step: torch.Tensor, run: Run) -> None:
 
 
 def _describe_latest(ckpt_dir: str) -> str:
-    try:
-        return str(latest_checkpoint(Path(ckpt_dir)))
-    except UserError:
-        return "none yet"
+    return str(find_latest(Path(ckpt_dir)) or "none yet")
 
 
 def end_of_epoch(run: Run, seconds: float, images_seen: int) -> None:
@@ -278,11 +302,13 @@ def train(cfg: Config, resume: str | None = None) -> Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Run(cfg, rank, world, device)
-    if resume:
-        path = latest_checkpoint(Path(cfg.ckpt_dir)) if resume == "latest" else Path(resume)
+    path = find_latest(Path(cfg.ckpt_dir)) if resume == "latest" else Path(resume) if resume else None
+    if path:
         run.load(path)
         if rank == 0:
             print(f"resumed from {path} at epoch {run.epoch}, step {run.step}")
+    elif resume and rank == 0:
+        print(f"nothing to resume in {cfg.ckpt_dir}: starting a fresh run")
     stop = StopFlag()
     try:
         while run.epoch < run.cfg.epochs:

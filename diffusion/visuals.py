@@ -1,6 +1,8 @@
 """Pictures: sample grids, the loss curve, and the denoising animation."""
 from __future__ import annotations
 
+import dataclasses
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ def save_preview_grid(net: torch.nn.Module, cfg, device: torch.device, path: Pat
 
     n = 20
     labels = torch.arange(n, device=device) % cfg.num_classes if cfg.num_classes else None
+    if cfg.p_uncond == 0:  # no unconditional eps was learned, so guidance has nothing to push away from
+        cfg = dataclasses.replace(cfg, guidance=1.0)
     x = generate(net, cfg, n, labels, device, seed=1234, progress=False)
     save_grid(x, path, nrow=10)
 
@@ -45,24 +49,36 @@ def save_loss_curve(history: list[dict], curve: list[list[float]], path: Path) -
 
 
 class Animation:
-    """Collects frames of the reverse process from a sampler callback and writes an animated GIF."""
+    """Collects frames of the reverse process from a sampler callback and writes an animated GIF.
+    Batches sampled one after another add their images to the same frames."""
 
     def __init__(self, total_steps: int, nrow: int, with_x0: bool = False, frames: int = 40):
         self.every = max(1, total_steps // frames)
         self.total, self.nrow, self.with_x0 = total_steps, nrow, with_x0
-        self.frames: list = []
+        self.xt: dict[int, list] = defaultdict(list)
+        self.x0: dict[int, list] = defaultdict(list)
 
     def __call__(self, i: int, xt: torch.Tensor, x0: torch.Tensor) -> None:
         if i % self.every and i != self.total - 1:
             return
-        grid = make_grid(to_uint8(xt).cpu(), nrow=self.nrow, padding=2, pad_value=255)
-        if self.with_x0:  # x_t on the left, the network's current guess of x_0 on the right
-            grid = torch.cat([grid, make_grid(to_uint8(x0).cpu(), nrow=self.nrow, padding=2, pad_value=255)], dim=2)
-        self.frames.append(grid)
+        self.xt[i].append(to_uint8(xt).cpu())
+        if self.with_x0:
+            self.x0[i].append(to_uint8(x0).cpu())
+
+    def frames(self) -> list[torch.Tensor]:
+        """One uint8 grid per kept step: x_t, with the network's current guess of x_0 on its right."""
+        grids = []
+        for i in sorted(self.xt):
+            grid = make_grid(torch.cat(self.xt[i]), nrow=self.nrow, padding=2, pad_value=255)
+            if self.with_x0:
+                grid = torch.cat([grid, make_grid(torch.cat(self.x0[i]), nrow=self.nrow, padding=2, pad_value=255)], dim=2)
+            grids.append(grid)
+        return grids
 
     def save(self, path: Path, ms_per_frame: int = 80) -> None:
         from torchvision.transforms.functional import to_pil_image
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        images = [to_pil_image(f) for f in self.frames] + [to_pil_image(self.frames[-1])] * 12  # hold the end
+        frames = self.frames()
+        images = [to_pil_image(f) for f in frames] + [to_pil_image(frames[-1])] * 12  # hold the end
         images[0].save(path, save_all=True, append_images=images[1:], duration=ms_per_frame, loop=0)

@@ -67,8 +67,12 @@ def test_unknown_flag_is_usage_error():
 @pytest.mark.parametrize("flags,needle", [
     (["--digit", "10"], "--digit must be in 0..9"), (["--digit", "-1"], "--digit must be in 0..9"),
     (["--guidance", "-2"], "--guidance must not be negative"), (["--steps", "0"], "--sample-steps must be positive"),
-    (["--num-images", "0"], "--num-images must be positive"), (["--base-channels", "16"], "base_channels=8"),
-    (["--image-size", "32"], "image_size=28"),
+    (["--num-images", "0"], "--num-images must be positive"), (["--base-channels", "16"], "--base-channels 8"),
+    (["--image-size", "32"], "--image-size 28"), (["--channel-mults", "1", "2", "2"], "--channel-mults 1 2"),
+    # the noise schedule is part of what was trained (the tiny run used T = 50, linear)
+    (["--timesteps", "1000"], "--timesteps 50"), (["--schedule", "cosine"], "--schedule linear"),
+    (["--beta-end", "0.03"], "--beta-end 0.02"), (["--beta-start", "0.0002"], "--beta-start 0.0001"),
+    (["--steps", "51"], "exceeds the 50 timesteps"), (["--sample-batch", "0"], "--sample-batch must be positive"),
 ])
 def test_bad_sampling_flags(ckpt, tmp_path, flags, needle, capsys):
     res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(ckpt), "--output", str(tmp_path / "x.png"), *flags)
@@ -107,10 +111,51 @@ def test_bad_checkpoint_files(ckpt, tmp_path, kind, needle, capsys):
         assert_clean_error(run_cli("diffusion.sampling", *args), needle)
 
 
-def test_resume_with_other_architecture_is_refused(ckpt, tmp_path, data_root, capsys):
-    res = run_inprocess(capsys, "diffusion.main", *TINY, "--base-channels", "16", "--data-root", str(data_root),
-                  "--resume", str(ckpt), "--ckpt-dir", str(tmp_path))
-    assert_clean_error(res, "base_channels=8")
+@pytest.mark.parametrize("flags,needle", [
+    (["--base-channels", "16"], "--base-channels 8"), (["--timesteps", "100"], "--timesteps 50"),
+    (["--schedule", "cosine"], "--schedule linear"),
+])
+def test_resume_with_another_architecture_or_noise_schedule_is_refused(ckpt, tmp_path, data_root, capsys, flags, needle):
+    res = run_inprocess(capsys, "diffusion.main", *TINY, *flags, "--data-root", str(data_root),
+                        "--resume", str(ckpt), "--ckpt-dir", str(tmp_path))
+    assert_clean_error(res, needle)
+    assert not list(tmp_path.glob("*.pth"))
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--timesteps", "20"], "too few for the linear schedule"), (["--timesteps", "10"], "too few"),
+    (["--beta-end", "0.004"], "alpha_bar_T"), (["--save-every", "5"], "--save-every"),
+    (["--save-every=-3min"], "--save-every"), (["--save-every", "tomorrow"], "--save-every"),
+])
+def test_settings_that_would_train_the_wrong_thing(flags, needle, capsys):
+    assert_clean_error(run_inprocess(capsys, "diffusion.main", *flags), needle)
+
+
+@pytest.fixture(scope="module")
+def ckpt_without_null_label(tmp_path_factory, data_root):
+    work = tmp_path_factory.mktemp("p0")
+    res = run_cli("diffusion.main", *TINY, "--epochs", "1", "--p-uncond", "0", "--data-root", str(data_root),
+                  "--ckpt-dir", str(work), "--out-dir", str(work / "out"))
+    assert res.returncode == 0, res.stderr  # its per-epoch preview had to fall back to guidance 1
+    assert (work / "out" / "epoch_001.png").exists()
+    return work / "epoch_001.pth"
+
+
+@pytest.mark.parametrize("flags,needle", [([], "pass --guidance 1"), (["--guidance", "3"], "pass --guidance 1"),
+                                          (["--unconditional"], "drop --unconditional")])
+def test_guidance_needs_a_trained_unconditional_model(ckpt_without_null_label, tmp_path, flags, needle, capsys):
+    args = ("--checkpoint", str(ckpt_without_null_label), "--output", str(tmp_path / "g.png"))
+    assert_clean_error(run_inprocess(capsys, "diffusion.sampling", *args, *flags), needle)
+    assert run_inprocess(capsys, "diffusion.sampling", *args, "--guidance", "1", "--num-images", "2").returncode == 0
+
+
+def test_scoring_too_few_images_is_one_line(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "three.npy", np.zeros((3, 28, 28), dtype=np.uint8))
+    res = run_inprocess(capsys, "diffusion.evaluate", "--samples", str(tmp_path / "three.npy"),
+                        "--classifier", str(tmp_path / "none.pth"))
+    assert_clean_error(res, "at least 4 images")
 
 
 class MakesAFile:

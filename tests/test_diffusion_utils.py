@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from diffusion.diffusion_utils import (make_schedule, p_mean_algorithm2, predict_eps, predict_x0, q_posterior,
-                                       q_sample)
+from diffusion.diffusion_utils import (diffusion_loss, make_schedule, p_mean_algorithm2, predict_eps, predict_x0,
+                                       q_posterior, q_sample)
 from diffusion.samplers import sample_ddpm
 
 F64 = torch.float64
@@ -107,3 +107,48 @@ def test_ddpm_beta_variance_option_also_recovers_data(s):
                       clip_x0=False, variance="beta")
     assert out.mean().item() == pytest.approx(mu, abs=0.02)
     assert out.std().item() == pytest.approx(std, rel=0.06)
+
+
+def test_loss_is_the_mse_of_the_eps_the_model_received_at_the_t_it_received(s):
+    """A spy reconstructs eps from (x_t, t, x0) and answers half of it: the loss must be mean(eps^2) / 4.
+    Training the model at t while noising at t +- 1 makes the reconstruction, and so the loss, disagree."""
+    s32 = make_schedule("linear", 1000)
+    x0 = torch.rand(4096, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seen = {}
+
+    def spy(xt, t):
+        eps = predict_eps(xt, t, x0, s32)
+        seen.update(t=t, eps=eps)
+        return 0.5 * eps
+
+    loss = diffusion_loss(spy, x0, s32, torch.Generator().manual_seed(1))
+    assert loss.item() == pytest.approx(0.25 * seen["eps"].pow(2).mean().item(), rel=1e-5)
+    assert seen["eps"].std().item() == pytest.approx(1.0, abs=0.03), "eps must be standard normal"
+    t = seen["t"]
+    assert t.dtype == torch.long and t.min() == 0 and t.max() == s32.T - 1, "every t in 0..T-1 is trained"
+
+
+def test_linear_betas_scale_with_T_and_keep_the_paper_at_1000():
+    for T in (50, 100, 1000, 4000):
+        beta = make_schedule("linear", T, dtype=F64).beta
+        assert beta[0].item() == pytest.approx(1e-4 * 1000 / T) and beta[-1].item() == pytest.approx(0.02 * 1000 / T)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_every_T_the_config_accepts_ends_in_noise(kind):
+    """x_T ~ N(0, I) is where every sampler starts: the config refuses any T whose schedule leaves signal."""
+    from diffusion.config import MAX_FINAL_ALPHA_BAR, Config
+    from diffusion.errors import UserError
+
+    accepted = []
+    for beta_end in (0.02, 0.01, 0.005):
+        for T in range(1, 2001):
+            try:
+                Config(timesteps=T, schedule=kind, beta_end=beta_end, sample_steps=1)
+            except UserError:
+                continue
+            s = make_schedule(kind, T, beta_end=beta_end, dtype=F64)
+            assert 0 < s.beta.min() and s.beta.max() < 1, (kind, T, beta_end)
+            assert s.alpha_bar[-1] <= MAX_FINAL_ALPHA_BAR, (kind, T, beta_end, s.alpha_bar[-1].item())
+            accepted.append(T)
+    assert 1000 in accepted and 50 in accepted

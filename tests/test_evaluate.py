@@ -1,5 +1,6 @@
 """The scorecard: it must rank real digits far above broken ones, at equal N."""
-import numpy as np
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +8,9 @@ import torch.nn.functional as F
 from diffusion.classifier import DigitCNN, accuracy, train_classifier
 from diffusion.config import Config
 from diffusion.dataloader import load_images, to_unit_range
-from diffusion.evaluate import frechet_distance, precision_recall, scorecard, split_grid
+from diffusion.errors import UserError
+from diffusion.evaluate import (frechet_distance, frechet_distance_gaussians, memorisation, precision_recall, scorecard,
+                                split_grid)
 from diffusion.visuals import save_grid
 
 
@@ -42,6 +45,49 @@ def test_frechet_distance_closed_form():
     # N(0, I) vs N(1, 4I) in 3-D: |mu|^2 = 3, trace term = 3 * (1 + 4 - 2 * 2) = 3
     assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.03)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_with_covariances_that_do_not_commute():
+    """2x2 closed form: for M with positive eigenvalues, tr sqrt(M) = sqrt(tr M + 2 sqrt(det M))."""
+    cov_a = torch.tensor([[2.0, 0.9], [0.9, 1.0]], dtype=torch.float64)
+    cov_b = torch.tensor([[0.5, -0.3], [-0.3, 3.0]], dtype=torch.float64)
+    assert not torch.allclose(cov_a @ cov_b, cov_b @ cov_a)
+    mu_a, mu_b = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([2.0, -1.0], dtype=torch.float64)
+    product = cov_a @ cov_b
+    trace_root = math.sqrt(torch.trace(product).item() + 2 * math.sqrt(torch.det(product).item()))
+    expected = 8.0 + torch.trace(cov_a + cov_b).item() - 2 * trace_root
+    assert frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b) == pytest.approx(expected, rel=1e-10)
+    # a singular covariance (a collapsed set) is still a finite distance
+    assert math.isfinite(frechet_distance_gaussians(mu_a, torch.zeros(2, 2, dtype=torch.float64), mu_b, cov_b))
+
+
+def test_precision_recall_on_a_line_with_known_answer():
+    """real = 0, 1, ..., 9 with k = 1: every real ball has radius 1. fake = -3, 5, 20, 30 has radii 8, 8, 10, 10.
+    Only 5 lies in a real ball (precision 1/4); 5's ball [-3, 13] holds every real point (recall 1)."""
+    real = torch.arange(10, dtype=torch.float64)[:, None]
+    fake = torch.tensor([[-3.0], [5.0], [20.0], [30.0]], dtype=torch.float64)
+    assert precision_recall(real, fake, k=1) == pytest.approx((0.25, 1.0))
+    # fakes bunched at one end: radii 0.5 (k = 1) cover only the real 0 and 1; each fake is within 1 of a real
+    assert precision_recall(real, torch.tensor([[0.0], [0.5], [1.0]], dtype=torch.float64), k=1) == pytest.approx((1.0, 0.2))
+
+
+def test_near_copies_are_counted_even_when_the_median_does_not_move(sets):
+    """30% of the samples planted as training images (plus faint noise): the median distance stays that of
+    new digits, the near-copy fraction finds them."""
+    g = torch.Generator().manual_seed(5)
+    fresh = sets["reference"][:300]
+    copies = sets["train"][torch.randperm(len(sets["train"]), generator=g)[:90]].int()
+    copies = (copies + torch.randint(-3, 4, copies.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    planted = torch.cat([fresh[:210], copies])
+    floor, found = memorisation(fresh, sets["train"]), memorisation(planted, sets["train"])
+    assert found["near_copy_fraction"] == pytest.approx(0.3 + 0.7 * floor["near_copy_fraction"], abs=0.03)
+    assert floor["near_copy_fraction"] < 0.05
+    assert found["nn_train_distance_median"] > 0.5 * floor["nn_train_distance_median"]
+
+
+def test_too_few_images_is_one_clear_error(classifier, sets):
+    with pytest.raises(UserError, match="at least 4 images"):
+        scorecard(classifier, sets["real"][:3], sets["reference"], sets["train"])
 
 
 def test_precision_recall_extremes():

@@ -1,5 +1,5 @@
 """Exact resume, signals, SIGKILL at any moment, and non-finite losses."""
-import os
+import random
 import signal
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diffusion.train as train_module
-from diffusion.checkpoint import latest_checkpoint, load_checkpoint
+from diffusion.checkpoint import find_latest, latest_checkpoint, load_checkpoint
 from diffusion.config import parse_args
 from diffusion.errors import UserError
 from diffusion.train import train
@@ -151,19 +151,81 @@ def test_sigkill_during_checkpoint_write_loses_nothing(data_root, tmp_path, n):
     assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 3
 
 
-def test_sigkill_at_random_moments_then_resume(data_root, tmp_path):
-    for delay in (2.0, 3.5, 5.0):
-        resume = ["--resume"] if list(tmp_path.glob("epoch_*.pth")) else []
-        proc = start_training(data_root, tmp_path, "--epochs", "15", *resume)
-        time.sleep(delay)
+def wait_for_new_save(ckpt_dir, proc, after: float, timeout=120):
+    """Wait until `latest` is rewritten after time `after` (a save committed), or the run ends."""
+    end = time.time() + timeout
+    pointer = ckpt_dir / "latest"
+    while not (pointer.exists() and pointer.stat().st_mtime > after) and proc.poll() is None:
+        assert time.time() < end, "no checkpoint was saved"
+        time.sleep(0.02)
+
+
+def test_sigkill_at_random_moments_then_the_same_command_finishes_the_run(data_root, tmp_path, uninterrupted):
+    """A job script that always passes --resume: killed before its first save, then right after random
+    saves; every restart loses at most --save-every steps and the end result is bit-identical."""
+    rng = random.Random(0)
+    flags = (*SIGNAL_RUN, "--save-every", "3steps", "--resume")
+    proc = start_training(data_root, tmp_path, *flags)
+    time.sleep(0.5)  # still importing: nothing saved yet
+    proc.kill()
+    proc.communicate()
+    assert find_latest(tmp_path) is None
+    for _ in range(3):
+        started = time.time()
+        proc = start_training(data_root, tmp_path, *flags)
+        wait_for_new_save(tmp_path, proc, started)
+        time.sleep(rng.uniform(0, 0.4))
         proc.kill()
-        proc.communicate()
-        if list(tmp_path.glob("epoch_*.pth")):
-            load_checkpoint(latest_checkpoint(tmp_path))
-    res = run_cli("diffusion.main", *TINY, "--epochs", "15", "--data-root", str(data_root), "--ckpt-dir", str(tmp_path),
-                  "--out-dir", str(tmp_path / "out"), "--sample-every", "0", "--resume")
+        out, _ = proc.communicate()
+        state = load_checkpoint(find_latest(tmp_path))  # whole, and at most 3 steps behind the kill
+        assert state["step"] > 0
+        assert len(list(tmp_path.glob("step_*.pth"))) <= 1, "older timed checkpoints are superseded"
+    res = run_cli("diffusion.main", *TINY, *flags, "--data-root", str(data_root), "--ckpt-dir", str(tmp_path),
+                  "--out-dir", str(tmp_path / "out"), "--sample-every", "0")
     assert res.returncode == 0, res.stderr
-    assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 15
+    assert_same_weights(uninterrupted, load_checkpoint(tmp_path / "epoch_003.pth"))
+    assert not list(tmp_path.glob("step_*.pth")), "the final epoch checkpoint supersedes the timed ones"
+
+
+def test_resume_with_nothing_saved_starts_fresh(data_root, tmp_path, capsys):
+    train(tiny_cfg(data_root, tmp_path, "--epochs", "1"), resume="latest")
+    assert "nothing to resume" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "epoch_001.pth")["step"] == 4
+
+
+def test_time_based_checkpoints_are_written(data_root, tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 61))  # every call to the clock is a minute and a second later
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: next(clock))
+    saved = []
+    real_save = train_module.Run.save
+    monkeypatch.setattr(train_module.Run, "save", lambda run, name: saved.append(name) or real_save(run, name))
+    train(tiny_cfg(data_root, tmp_path, "--epochs", "1", "--save-every", "1min"))
+    assert saved == ["step_00000001.pth", "step_00000002.pth", "step_00000003.pth", "epoch_001.pth"]
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["epoch_001.pth"]
+
+
+def test_non_finite_weights_are_never_saved(data_root, tmp_path):
+    run = train_module.Run(tiny_cfg(data_root, tmp_path))
+    run.save("epoch_001.pth")
+    with torch.no_grad():
+        next(run.ema.module.parameters())[0] = float("nan")
+    with pytest.raises(UserError, match="non-finite.*epoch_001.pth"):
+        run.save("interrupted.pth")
+    assert latest_checkpoint(tmp_path).name == "epoch_001.pth" and not (tmp_path / "interrupted.pth").exists()
+
+
+def test_grad_clip_zero_means_no_clipping(data_root, tmp_path):
+    def weights_after_steps(clip):
+        run = train_module.Run(tiny_cfg(data_root, tmp_path, "--grad-clip", clip))
+        x0, y = run.images[:64].float() / 127.5 - 1, run.labels[:64]
+        for _ in range(3):
+            run.train_step(x0, y)
+        return [p.detach().clone() for p in run.model.parameters()]
+
+    unclipped, off, start = weights_after_steps("1e9"), weights_after_steps("0"), train_module.Run(
+        tiny_cfg(data_root, tmp_path)).model.parameters()
+    assert all(torch.equal(a, b) for a, b in zip(unclipped, off))
+    assert any(not torch.equal(a, b) for a, b in zip(off, start)), "the weights must move"
 
 
 def test_keep_last_prunes_old_epoch_checkpoints(data_root, tmp_path):

@@ -4,7 +4,8 @@ import torch
 
 from diffusion.diffusion_utils import make_schedule, predict_x0, q_posterior
 from diffusion.model import UNet
-from diffusion.samplers import ddim_step, guided, logsnr_timesteps, sample_ddim, sample_dpmpp, spaced_timesteps
+from diffusion.samplers import (ddim_step, guided, logsnr_timesteps, sample_ddim, sample_ddpm, sample_dpmpp,
+                                spaced_timesteps)
 from tests.test_diffusion_utils import gaussian_oracle
 
 F64 = torch.float64
@@ -35,7 +36,7 @@ def test_logsnr_spacing_starts_at_last_step_and_never_repeats(s):
 @pytest.mark.parametrize("steps,tol", [(100, 0.04), (250, 0.03)])
 def test_ddim_with_oracle_recovers_gaussian_data(s, steps, tol):
     mu, std = 0.3, 0.5
-    out = sample_ddim(gaussian_oracle(mu, std, s), noise(), s, steps, clip_x0=False)
+    out = sample_ddim(gaussian_oracle(mu, std, s), noise(), s, spaced_timesteps(s.T, steps), clip_x0=False)
     assert out.mean().item() == pytest.approx(mu, abs=0.02)
     assert out.std().item() == pytest.approx(std, rel=tol)
 
@@ -43,7 +44,7 @@ def test_ddim_with_oracle_recovers_gaussian_data(s, steps, tol):
 @pytest.mark.parametrize("steps", [10, 20, 100])
 @pytest.mark.parametrize("mu,std", [(0.3, 0.5), (0.0, 0.1)])
 def test_dpmpp_with_oracle_recovers_gaussian_data(s, steps, mu, std):
-    out = sample_dpmpp(gaussian_oracle(mu, std, s), noise(), s, steps, clip_x0=False)
+    out = sample_dpmpp(gaussian_oracle(mu, std, s), noise(), s, logsnr_timesteps(s, steps), clip_x0=False)
     assert out.mean().item() == pytest.approx(mu, abs=0.02)
     assert out.std().item() == pytest.approx(std, rel=0.05)
 
@@ -51,15 +52,15 @@ def test_dpmpp_with_oracle_recovers_gaussian_data(s, steps, mu, std):
 def test_dpmpp_second_order_beats_first_order_at_few_steps(s):
     """At 10 steps the multistep correction must bring the std closer than DDIM (first order)."""
     mu, std = 0.0, 0.3
-    ddim = sample_ddim(gaussian_oracle(mu, std, s), noise(), s, 10, clip_x0=False).std().item()
-    dpm = sample_dpmpp(gaussian_oracle(mu, std, s), noise(), s, 10, clip_x0=False).std().item()
+    ddim = sample_ddim(gaussian_oracle(mu, std, s), noise(), s, spaced_timesteps(s.T, 10), clip_x0=False).std().item()
+    dpm = sample_dpmpp(gaussian_oracle(mu, std, s), noise(), s, logsnr_timesteps(s, 10), clip_x0=False).std().item()
     assert abs(dpm - std) < abs(ddim - std) / 2
 
 
 @pytest.mark.parametrize("steps", [20, 50])
 def test_sde_dpmpp_with_oracle_recovers_gaussian_data(s, steps):
     mu, std = 0.3, 0.5
-    out = sample_dpmpp(gaussian_oracle(mu, std, s), noise(), s, steps, clip_x0=False, eta=1.0,
+    out = sample_dpmpp(gaussian_oracle(mu, std, s), noise(), s, logsnr_timesteps(s, steps), clip_x0=False, eta=1.0,
                        generator=torch.Generator().manual_seed(2))
     assert out.mean().item() == pytest.approx(mu, abs=0.02)
     assert out.std().item() == pytest.approx(std, rel=0.05)
@@ -69,7 +70,7 @@ def test_sde_dpmpp_first_step_is_ddpm_posterior(s):
     """With eta = 1 and no history, a DPM-Solver++ step is a draw from q(x_u | x_t, x0_pred) (= DDIM eta = 1)."""
     model, x = gaussian_oracle(0.3, 0.5, s), noise(100)
     first = []
-    sample_dpmpp(model, x, s, 10, eta=1.0, clip_x0=False, generator=torch.Generator().manual_seed(3),
+    sample_dpmpp(model, x, s, logsnr_timesteps(s, 10), eta=1.0, clip_x0=False, generator=torch.Generator().manual_seed(3),
                  callback=lambda i, xt, x0: first.append(xt) if i == 0 else None)
     t, u = logsnr_timesteps(s, 10)[:2]
     tt = torch.full((100,), t)
@@ -93,14 +94,14 @@ def test_ddim_eta1_consecutive_step_is_ddpm_posterior(s):
 
 def test_ddim_eta0_returns_mean_of_point_mass_exactly(s):
     mu = 0.42
-    out = sample_ddim(gaussian_oracle(mu, 0.0, s), noise(100), s, 10, clip_x0=False)
+    out = sample_ddim(gaussian_oracle(mu, 0.0, s), noise(100), s, spaced_timesteps(s.T, 10), clip_x0=False)
     assert torch.allclose(out, torch.full_like(out, mu), atol=1e-12)
 
 
 def test_samplers_reproducible_with_generator(s):
     model = gaussian_oracle(0.0, 0.5, s)
-    a = sample_ddim(model, noise(50), s, 20, eta=1.0, generator=torch.Generator().manual_seed(9))
-    b = sample_ddim(model, noise(50), s, 20, eta=1.0, generator=torch.Generator().manual_seed(9))
+    a = sample_ddim(model, noise(50), s, spaced_timesteps(s.T, 20), eta=1.0, generator=torch.Generator().manual_seed(9))
+    b = sample_ddim(model, noise(50), s, spaced_timesteps(s.T, 20), eta=1.0, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a, b)
 
 
@@ -125,8 +126,111 @@ def test_guidance_weights_match_formula(net):
     assert not torch.allclose(eps_c, eps_u, atol=1e-4), "the label must change the prediction"
 
 
-def test_guided_sampling_runs_on_unet(net):
+def test_guided_sampling_runs_on_unet_and_labels_reach_it(net):
     s32 = make_schedule("linear", 100)
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    out = sample_dpmpp(guided(net, torch.tensor([0, 5, 9]), 2.0, 10), x, s32, 5)
-    assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().max() <= 1
+    ts = logsnr_timesteps(s32, 5)
+    out = sample_dpmpp(guided(net, torch.tensor([0, 5, 9]), 2.0, 10), x, s32, ts)
+    other = sample_dpmpp(guided(net, torch.tensor([1, 6, 2]), 2.0, 10), x, s32, ts)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, other, atol=1e-4), "the labels must steer the samples"
+
+
+def test_guidance_sum_is_float32_under_bf16_autocast():
+    """w amplifies the difference eps_c - eps_u; in bf16 its rounding error would be amplified too."""
+    def net(x, t, y):  # a network whose outputs come back in bf16, as they do under autocast
+        return (x * (1 + y.view(-1, 1, 1, 1) / 7)).to(torch.bfloat16)
+    x, t, y = torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(0)), torch.zeros(4, dtype=torch.long), torch.tensor([1, 2, 3, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = guided(net, y, 3.0, 10)(x, t)
+    eps_c, eps_u = net(x, t, y).float(), net(x, t, torch.full((4,), 10)).float()
+    assert out.dtype == torch.float32
+    assert torch.equal(out, eps_u + 3.0 * (eps_c - eps_u))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_logsnr_spacing_gives_exactly_the_steps_asked(kind):
+    for T in (50, 100, 1000):
+        s = make_schedule(kind, T, dtype=F64)
+        for steps in sorted({1, 2, 3, 5, 10, 20, 49, 50, 94, 100, T // 2, T - 1, T} - {0}):
+            if steps > T:
+                continue
+            ts = logsnr_timesteps(s, steps)
+            assert len(ts) == steps and len(set(ts)) == steps, (kind, T, steps, ts)
+            assert ts[0] == T - 1 and all(a > b >= 0 for a, b in zip(ts, ts[1:]))
+            assert steps == 1 or ts[-1] == 0
+
+
+def all_sampler_runs(s):
+    """(name, sampler, timesteps, kwargs) for every sampler and noise setting."""
+    yield "ddpm", sample_ddpm, None, {}
+    for eta in (0.0, 1.0):
+        yield f"ddim eta={eta}", sample_ddim, spaced_timesteps(s.T, 10), {"eta": eta}
+        yield f"dpmpp eta={eta}", sample_dpmpp, logsnr_timesteps(s, 10), {"eta": eta}
+
+
+def test_point_mass_oracle_x0_is_exact_at_every_step(s):
+    """For data = a single point, the oracle's eps gives x0 = the point at the t it was asked about:
+    a sampler that calls the model at t but converts eps -> x0 at t +- 1 misses it."""
+    point = 0.37
+    for name, sampler, ts, kwargs in all_sampler_runs(s):
+        seen = []
+        sampler(gaussian_oracle(point, 0.0, s), noise(64), s, ts, clip_x0=False, generator=torch.Generator().manual_seed(0),
+                callback=lambda i, xt, x0: seen.append(x0), **kwargs)
+        assert len(seen) == (s.T if ts is None else len(ts)), name
+        worst = max((x0 - point).abs().max().item() for x0 in seen)
+        assert worst < 1e-9, f"{name}: x0 prediction off the point by {worst}"
+
+
+def flow_exact(s, x, t_from, t_to, mu, std):
+    """The probability-flow ODE's exact map for x_0 ~ N(mu, std^2): marginals stay Gaussian, and the
+    flow moves each point by its z-score, x_u = m_u + s_u (x_t - m_t) / s_t."""
+    def moments(t):
+        ab = s.alpha_bar[t]
+        return ab.sqrt() * mu, (ab * std**2 + 1 - ab).sqrt()
+    (m_t, s_t), (m_u, s_u) = moments(t_from), moments(t_to)
+    return m_u + s_u * (x - m_t) / s_t
+
+
+def uneven_timesteps(s, steps: int) -> list[int]:
+    """Steps alternating 1:3 in lambda: uneven everywhere, so a multistep solver must use each step's ratio."""
+    alpha_bar = s.alpha_bar.double()
+    lam = 0.5 * (alpha_bar / (1 - alpha_bar)).log()
+    widths = torch.tensor([1.0, 3.0], dtype=F64).repeat(steps // 2)
+    targets = lam[-1] + (lam[0] - lam[-1]) * torch.cat([torch.zeros(1, dtype=F64), widths.cumsum(0) / widths.sum()])
+    return sorted(set((lam[None] - targets[:, None]).abs().argmin(1).tolist()), reverse=True)
+
+
+def ode_error(sampler, s, steps, mu=0.3, std=0.5):
+    """Max error against the exact flow at t = 0, the last point the ODE reaches before the final denoise."""
+    ts, x, landed = uneven_timesteps(s, steps), noise(200), {}
+    sampler(gaussian_oracle(mu, std, s), x, s, ts, clip_x0=False, callback=lambda i, xt, x0: landed.update({i: xt}))
+    return (landed[len(ts) - 2] - flow_exact(s, x, ts[0], ts[-1], mu, std)).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def s_fine():
+    return make_schedule("linear", 4000, dtype=F64)  # fine enough that integer timesteps keep the 1:3 pattern
+
+
+@pytest.mark.parametrize("sampler,order", [(sample_ddim, 1), (sample_dpmpp, 2)])
+def test_deterministic_samplers_converge_to_the_exact_flow_at_their_order(s_fine, sampler, order):
+    errors = [ode_error(sampler, s_fine, n) for n in (32, 64, 128)]
+    rates = [a / b for a, b in zip(errors, errors[1:])]  # 2 ** order when the step count doubles
+    assert all(2 ** order * 0.8 < r < 2 ** order * 1.25 for r in rates), (errors, rates)
+
+
+def test_dpmpp_multistep_step_matches_lu_et_al_algorithm_2(s):
+    """The second step, recomputed from the paper's symbols: r_i = h_{i-1} / h_i,
+    D_i = (1 + 1/(2 r_i)) x0_i - 1/(2 r_i) x0_{i-1}, x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i."""
+    model, x = gaussian_oracle(0.3, 0.5, s), noise(50)
+    ts = [999, 700, 200, 0]
+    states, x0s = [x], []
+    sample_dpmpp(model, x, s, ts, clip_x0=False, callback=lambda i, xt, x0: (states.append(xt), x0s.append(x0)))
+    alpha, sigma = s.alpha_bar.sqrt(), (1 - s.alpha_bar).sqrt()
+    lam = (alpha / sigma).log()
+    h_prev, h = lam[ts[1]] - lam[ts[0]], lam[ts[2]] - lam[ts[1]]
+    r = h_prev / h
+    d = (1 + 1 / (2 * r)) * x0s[1] - 1 / (2 * r) * x0s[0]
+    expected = sigma[ts[2]] / sigma[ts[1]] * states[1] - alpha[ts[2]] * (torch.exp(-h) - 1) * d
+    assert torch.allclose(states[2], expected, atol=1e-12)
