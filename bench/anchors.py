@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.optim.swa_utils import AveragedModel
 
 from diffusion.config import Config
-from diffusion.train import Run, ema_multi_avg_fn, train_one_epoch
+from diffusion.train import TrainingRun, train_one_epoch
 
 SYSTEMS = ("ours", "diffusers", "lucidrains")
 DESCRIPTION = {
@@ -68,18 +67,13 @@ class LucidrainsNet(torch.nn.Module):
         return self.unet(x, t)
 
 
-def make_run(system: str, cfg: Config) -> Run:
-    """The product's Run, with the anchor's network swapped in (optimizer and EMA rebuilt around it)."""
+def make_run(system: str, cfg: Config) -> TrainingRun:
+    """The product's TrainingRun, with the anchor's network in place of the U-Net."""
     if system == "ours":
-        return Run(cfg)
+        return TrainingRun(cfg)
     cfg = dataclasses.replace(cfg, channels_last=False, num_classes=0 if system == "lucidrains" else cfg.num_classes)
-    run = Run(cfg)
     torch.manual_seed(cfg.seed)
-    run.model = run.net = DiffusersNet(run.cfg.num_classes) if system == "diffusers" else LucidrainsNet()
-    run.ema = AveragedModel(run.model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay))
-    run.ema.requires_grad_(False)
-    run.opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    return run
+    return TrainingRun(cfg, model=DiffusersNet(cfg.num_classes) if system == "diffusers" else LucidrainsNet())
 
 
 class Deadline:
@@ -93,12 +87,12 @@ class Deadline:
         return int(time.perf_counter() >= self.end)
 
 
-def train_for(run: Run, seconds: float) -> dict:
+def train_for(run: TrainingRun, seconds: float) -> dict:
     """Train with the product's epoch loop until the wall-clock budget is spent; the learning rate
     follows the usual warm-up, then a cosine in elapsed time instead of steps."""
     cfg, t0 = run.cfg, time.perf_counter()
     progress = lambda: min(1.0, (time.perf_counter() - t0) / seconds)  # noqa: E731
-    run.sched = torch.optim.lr_scheduler.LambdaLR(
+    run.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress())))
     deadline = Deadline(seconds)
     while train_one_epoch(run, deadline):
@@ -115,7 +109,7 @@ def parse_sampler(spec: str) -> tuple[str, int, float]:
     return name, int(steps), float(eta or 0)
 
 
-def score(run: Run, args) -> list[dict]:
+def score(run: TrainingRun, args) -> list[dict]:
     from diffusion.classifier import load_classifier
     from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
     from diffusion.visuals import save_grid

@@ -9,7 +9,7 @@ import argparse
 from torch.profiler import ProfilerActivity, profile
 
 from diffusion.config import Config
-from diffusion.train import Run
+from diffusion.train import TrainingRun
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=12)
     args = parser.parse_args()
-    run = Run(Config(data_root=args.data_root, limit_train=1024))
+    run = TrainingRun(Config(data_root=args.data_root, limit_train=1024))
     x0, y = run.images[:128].float() / 127.5 - 1, run.labels[:128]
     for _ in range(3):
         run.train_step(x0, y)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from diffusion.checkpoint import latest_checkpoint
+from diffusion.checkpoint import resolve_checkpoint
 from diffusion.classifier import DEFAULT_PATH, load_classifier
 from diffusion.config import Config
 from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
-from diffusion.sampling import generate, load_for_sampling
+from diffusion.generation import generate, load_for_sampling
 
 FAMILIES = ("dpmpp:0", "dpmpp:1", "ddim:0", "ddim:1", "ddpm")  # sampler:eta (eta 1 = stochastic, ancestral-like)
 STEPS = (5, 10, 20, 50, 100)
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--digits-only", action="store_true", help="only the --digit check")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(Config().ckpt_dir))
+    path = resolve_checkpoint(args.checkpoint, Config().ckpt_dir)
     overrides = {"data_root": args.data_root, **({"guidance": args.guidance} if args.guidance is not None else {})}
     net, cfg, device = load_for_sampling(path, overrides)
     clf = load_classifier(Path(args.classifier))

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+try:
+    import resource  # Unix only: peak memory
+except ImportError:
+    resource = None
 import subprocess
 import sys
 import time
@@ -57,10 +60,10 @@ def time_steps(step, steps: int, warmup: int = 3) -> float:
 
 def ours(name: str, args) -> dict:
     from diffusion.config import Config
-    from diffusion.train import Run
+    from diffusion.train import TrainingRun
 
     cfg = Config(data_root=args.data_root, limit_train=args.batch * 4, batch_size=args.batch, **OURS[name])
-    run = Run(cfg)
+    run = TrainingRun(cfg)
     x0 = run.images[: args.batch].float() / 127.5 - 1
     y = run.labels[: args.batch]
     t = torch.randint(0, 1000, (args.batch,))
@@ -77,7 +80,7 @@ def sampling_times(net, cfg) -> dict:
     """Seconds for 16 guided digits with each sampler (weights do not change the cost)."""
     import dataclasses
 
-    from diffusion.sampling import generate
+    from diffusion.generation import generate
 
     out = {}
     for sampler, steps in (("dpmpp", 10), ("dpmpp", 20), ("ddim", 50), ("ddpm", 1000)):
@@ -127,7 +130,7 @@ def measure_one(name: str, args) -> dict:
     result["name"] = name
     result["images_per_s"] = args.batch / result["step_s"]
     result["achieved_gflops"] = 3 * result["fwd_flops"] * result["images_per_s"] / 1e9  # backward ~ 2x forward
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if resource else float("nan")
     return result
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion.config import trained_fields
 from diffusion.errors import UserError
 
 LATEST = "latest"  # a text file holding the name of the newest checkpoint
@@ -96,6 +97,11 @@ def latest_checkpoint(ckpt_dir: Path) -> Path:
     return found
 
 
+def resolve_checkpoint(checkpoint: str | Path | None, ckpt_dir: str | Path) -> Path:
+    """--checkpoint PATH when given, else the latest checkpoint in --ckpt-dir."""
+    return Path(checkpoint) if checkpoint else latest_checkpoint(Path(ckpt_dir))
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """Load a checkpoint safely (weights_only=True); one-line errors for missing, corrupt or foreign files."""
     path = Path(path)
@@ -121,16 +127,9 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     return state
 
 
-# what a network was trained for: its architecture, and the noise schedule whose alpha_bar it learned
-ARCHITECTURE = ("channels", "image_size", "num_classes", "base_channels", "channel_mults", "num_res_blocks",
-                "attention_resolutions")
-NOISE_SCHEDULE = ("timesteps", "schedule", "beta_start", "beta_end")
-TRAINED_FIELDS = ARCHITECTURE + NOISE_SCHEDULE
-
-
 def check_trained_fields(saved: dict, cfg, path: Path) -> None:
     """One line naming the first field fixed by training where a checkpoint and the config disagree."""
-    for name in TRAINED_FIELDS:
+    for name in trained_fields():  # the architecture, and the noise schedule whose alpha_bar it learned
         mine, theirs = getattr(cfg, name), saved.get(name)
         if isinstance(theirs, list):
             theirs = tuple(theirs)

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from diffusion.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from diffusion.config import Config
+from diffusion.config import ArgumentParser, Config
 from diffusion.dataloader import batches, epoch_order, load_images, to_unit_range
 from diffusion.errors import UserError, run_cli
 
@@ -95,12 +95,13 @@ def load_classifier(path: Path) -> DigitCNN:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train the MNIST classifier used by the scorecard.")
+    parser = ArgumentParser(prog="python -m diffusion.classifier", description="Train the MNIST classifier used by "
+                            "the scorecard.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-root", default=Config().data_root, help="folder holding MNIST/raw")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="passes over the training set")
     parser.add_argument("--limit-train", type=int, default=0, help="train on the first N images (0 = all)")
     parser.add_argument("--output", default=str(DEFAULT_PATH), help="where to save the classifier")
-    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         raise UserError(f"--epochs must be positive, got {args.epochs}")

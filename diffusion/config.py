@@ -15,59 +15,102 @@ from diffusion.errors import UserError
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 DATASETS = ("mnist", "fashion-mnist", "folder")
+AMP_MODES = ("auto", "bf16", "none")
 MAX_FINAL_ALPHA_BAR = 1e-2  # x_T must be this close to N(0, I): samplers start there
+
+
+GROUPS = {  # argument groups, in --help order
+    "data": "data",
+    "model": "model: the U-Net (fixed by training)",
+    "diffusion": "diffusion: the noise schedule (fixed by training)",
+    "training": "training",
+    "sampling": "sampling (also used for the per-epoch preview)",
+    "runtime": "where and how it runs",
+}
+
+
+def setting(default, help: str, group: str, *, choices: tuple[str, ...] | None = None, trained: bool = False,
+            factory=None):
+    """A Config field that carries its own help sentence, group, allowed values and whether training fixes it."""
+    meta = {"help": help, "group": group, "choices": choices, "trained": trained}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
 
 
 @dataclass
 class Config:
     # --- data ---
-    dataset: str = "mnist"  # mnist | fashion-mnist | folder (an ImageFolder tree)
-    data_root: str = field(default_factory=lambda: os.environ.get("DIFFUSION_DATA_ROOT", "data"))  # or $DIFFUSION_DATA_ROOT
-    download: bool = True  # fetch MNIST / Fashion-MNIST when missing (needs internet)
-    limit_train: int = 0  # train on the first N images only (0 = all); for quick runs
-    image_size: int = 28  # native MNIST size; must divide by 2**(levels-1)
-    channels: int = 1  # image channels; set from the dataset when training
-    num_classes: int = 10  # labels for guidance; set from the dataset (0 = unconditional)
+    dataset: str = setting("mnist", "which images to train on: MNIST, Fashion-MNIST, or an ImageFolder tree "
+                           "(one sub-folder per class) at --data-root", "data", choices=DATASETS)
+    data_root: str = setting(None, "folder holding MNIST/raw (or FashionMNIST/raw, or the ImageFolder tree)", "data",
+                             factory=lambda: os.environ.get("DIFFUSION_DATA_ROOT", "data"))
+    download: bool = setting(True, "download MNIST / Fashion-MNIST into --data-root when missing (needs internet)",
+                             "data")
+    limit_train: int = setting(0, "train on the first N images only, for quick runs (0 = all)", "data")
+    image_size: int = setting(28, "image side in pixels, set from the dataset; must divide by 2**(levels - 1)",
+                              "model", trained=True)
+    channels: int = setting(1, "image channels, set from the dataset", "model", trained=True)
+    num_classes: int = setting(10, "labels for guidance, set from the dataset; 0 trains an unconditional model",
+                               "model", trained=True)
     # --- diffusion (Ho et al. 2020, Sec. 4) ---
-    timesteps: int = 1000  # T
-    schedule: str = "linear"  # linear (betas 1e-4..0.02) | cosine (Nichol & Dhariwal 2021)
-    beta_start: float = 1e-4  # beta_1 of the linear schedule
-    beta_end: float = 0.02  # beta_T of the linear schedule
+    timesteps: int = setting(1000, "T, the number of noise levels", "diffusion", trained=True)
+    schedule: str = setting("linear", "betas: linear (Ho et al.) or cosine (Nichol & Dhariwal 2021)", "diffusion",
+                            choices=SCHEDULES, trained=True)
+    beta_start: float = setting(1e-4, "first beta of the linear schedule at T = 1000 (scaled by 1000 / T)",
+                                "diffusion", trained=True)
+    beta_end: float = setting(0.02, "last beta of the linear schedule at T = 1000 (scaled by 1000 / T)",
+                              "diffusion", trained=True)
     # --- model: U-Net at 28 -> 14 -> 7 ---
-    base_channels: int = 32  # width at 28x28, where convolutions cost the most FLOPs
-    channel_mults: tuple[int, ...] = (1, 2, 2)  # widths 32/64/64 at 28/14/7
-    num_res_blocks: int = 1  # residual blocks per level; one is 1.4x faster than two, same quality here
-    attention_resolutions: tuple[int, ...] = (7,)  # self-attention only where it is cheap
-    dropout: float = 0.0  # no dropout: a few epochs do not overfit 60k digits
+    base_channels: int = setting(32, "U-Net width at full resolution, where convolutions cost the most; "
+                                 "a multiple of 8", "model", trained=True)
+    channel_mults: tuple[int, ...] = setting(None, "width multipliers per level (1 2 2 = 32/64/64 at 28/14/7)",
+                                             "model", trained=True, factory=lambda: (1, 2, 2))
+    num_res_blocks: int = setting(1, "residual blocks per level; one is 1.4x faster than two at equal quality here",
+                                  "model", trained=True)
+    attention_resolutions: tuple[int, ...] = setting(None, "resolutions with self-attention (only where it is cheap)",
+                                                     "model", trained=True, factory=lambda: (7,))
+    dropout: float = setting(0.0, "dropout in the residual blocks; a few epochs do not overfit 60k digits",
+                             "training")
     # --- training ---
-    epochs: int = 2  # ~14 minutes on a 2-core CPU with the defaults
-    batch_size: int = 128  # global batch (split across processes under torchrun)
-    lr: float = 2e-3  # AdamW peak learning rate; high because the net is small
-    weight_decay: float = 0.0
-    warmup_steps: int = 200  # linear LR warm-up, then cosine decay to zero
-    grad_clip: float = 1.0  # max gradient norm (0 = no clipping)
-    ema_decay: float = 0.999  # EMA of weights, with warm-up min(decay, (1+n)/(10+n))
-    p_uncond: float = 0.1  # chance of dropping a label to "no label" (classifier-free guidance)
-    amp: str = "auto"  # bf16 autocast: auto (CUDA only) | bf16 | none; on CPUs measure first, see README
-    compile: bool = False  # torch.compile the U-Net (pays on CUDA; slow to start on CPU)
-    channels_last: bool = True  # memory format for the convolutions (~10% faster on CPU here)
-    seed: int = 0  # model init, data order and noise
-    device: str = "auto"  # auto = cuda, then mps, then cpu
-    threads: int = 0  # CPU threads for torch (0 = torch's default)
-    log_every: int = 25  # steps between progress-bar updates (each is a host sync)
+    epochs: int = setting(2, "passes over the training set (about 12 minutes on a 2-core CPU with the defaults)",
+                          "training")
+    batch_size: int = setting(128, "images per step, split across processes under torchrun", "training")
+    lr: float = setting(2e-3, "AdamW peak learning rate; high because the network is small", "training")
+    weight_decay: float = setting(0.0, "AdamW weight decay", "training")
+    warmup_steps: int = setting(200, "steps of linear learning-rate warm-up, then cosine decay to zero", "training")
+    grad_clip: float = setting(1.0, "maximum gradient norm (0 = no clipping)", "training")
+    ema_decay: float = setting(0.999, "decay of the weights' moving average that sampling uses, warmed up as "
+                               "min(decay, (1 + n) / (10 + n))", "training")
+    p_uncond: float = setting(0.1, "chance of replacing a label by 'no label', so one network also learns the "
+                              "unconditional model that guidance needs", "training")
+    compile: bool = setting(False, "torch.compile the U-Net (pays on CUDA; slow to start on a CPU)", "training")
+    log_every: int = setting(25, "steps between progress-bar and loss-curve updates (each reads the loss: a sync)",
+                             "training")
+    save_every: str = setting("5min", "also checkpoint every N minutes (5min) or steps (200steps) inside an "
+                              "epoch; 0 = only at epoch ends", "training")
+    keep_last: int = setting(0, "keep only the newest K checkpoints, epoch and timed (0 = keep all)", "training")
+    sample_every: int = setting(1, "epochs between preview grids in --out-dir (0 = never)", "training")
     # --- sampling ---
-    sampler: str = "dpmpp"  # ddpm (all T steps) | ddim | dpmpp (DPM-Solver++(2M))
-    sample_steps: int = 10  # steps for ddim / dpmpp (dpmpp-10: 0.7 s for 16 digits, see README)
-    sample_batch: int = 64  # images per sampling batch; bigger batches run slower per image on a CPU (cache)
-    eta: float = 1.0  # ddim / dpmpp noise: 0 deterministic (ODE), 1 = DDPM posterior variance (SDE)
-    guidance: float = 2.0  # eps_u + w (eps_c - eps_u); 1 = conditional only, 0 = unconditional
-    clip_x0: bool = True  # clip predicted x0 to [-1, 1] during sampling
-    # --- I/O ---
-    ckpt_dir: str = os.path.join("diffusion", "checkpoints")
-    out_dir: str = os.path.join("diffusion", "outputs")
-    keep_last: int = 0  # keep only the newest K checkpoints, epoch and timed (0 = keep all)
-    save_every: str = "5min"  # also checkpoint every N minutes ("5min") or steps ("200steps"); "0" = epochs only
-    sample_every: int = 1  # epochs between preview grids (0 = never)
+    sampler: str = setting("dpmpp", "ddpm (all T steps, Algorithm 2), ddim, or dpmpp (DPM-Solver++(2M))",
+                           "sampling", choices=SAMPLERS)
+    sample_steps: int = setting(10, "steps for ddim and dpmpp (alias --steps); at most T", "sampling")
+    sample_batch: int = setting(64, "images per sampling batch; larger batches run slower per image on a CPU",
+                                "sampling")
+    eta: float = setting(1.0, "noise added per ddim/dpmpp step: 0 = deterministic ODE, 1 = DDPM posterior "
+                         "variance", "sampling")
+    guidance: float = setting(2.0, "classifier-free guidance w in eps_u + w (eps_c - eps_u); 1 = conditional "
+                              "model, 0 = unconditional", "sampling")
+    clip_x0: bool = setting(True, "clip each predicted x0 to [-1, 1] while sampling", "sampling")
+    # --- where and how it runs ---
+    device: str = setting("auto", "auto picks cuda, then mps, then cpu; or any torch device name", "runtime")
+    threads: int = setting(0, "CPU threads for torch (0 = torch's default)", "runtime")
+    amp: str = setting("auto", "bf16 autocast: auto (on CUDA only), bf16, or none; on a CPU measure first",
+                       "runtime", choices=AMP_MODES)
+    channels_last: bool = setting(True, "channels-last memory format for the convolutions (~10% faster on CPU)",
+                                  "runtime")
+    seed: int = setting(0, "seed for model init, data order and sampling noise", "runtime")
+    ckpt_dir: str = setting(os.path.join("diffusion", "checkpoints"), "folder for checkpoints", "runtime")
+    out_dir: str = setting(os.path.join("diffusion", "outputs"), "folder for grids, loss curve and metrics",
+                           "runtime")
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(self.channel_mults)
@@ -89,7 +132,7 @@ class Config:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("dataset", self.dataset, DATASETS)
-        _choice("amp", self.amp, ("auto", "bf16", "none"))
+        _choice("amp", self.amp, AMP_MODES)
         if not 0 < self.beta_start < self.beta_end < 1:
             raise UserError(f"need 0 < --beta-start < --beta-end < 1, got {self.beta_start}, {self.beta_end}")
         self._validate_noise_schedule()
@@ -153,24 +196,76 @@ def from_dict(values: dict) -> Config:
     return Config(**{k: v for k, v in values.items() if k in known})
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one --flag per Config field; unset flags stay absent from the result."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+# which Config groups each command takes; everything else it refuses with a reason
+COMMAND_GROUPS = {
+    "main": ("data", "model", "diffusion", "training", "sampling", "runtime"),
+    "sampling": ("sampling", "runtime"),
+    "evaluate": ("sampling", "runtime"),
+}
+EXTRA_FIELDS = {"evaluate": ("data_root", "download")}  # the scorecard reads real MNIST
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage wall), like every other error of these commands."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def command_fields(command: str) -> list[dataclasses.Field]:
+    groups, extra = COMMAND_GROUPS[command], EXTRA_FIELDS.get(command, ())
+    return [f for f in dataclasses.fields(Config) if f.metadata["group"] in groups or f.name in extra]
+
+
+def build_parser(command: str, description: str) -> ArgumentParser:
+    """`python -m diffusion.<command>`'s parser: one --flag per Config field the command uses, grouped, each
+    with its help sentence, choices and default. Unset flags stay absent from the result."""
+    parser = ArgumentParser(prog=f"python -m diffusion.{command}", description=description,
+                            argument_default=argparse.SUPPRESS)
     defaults = Config()
-    for f in dataclasses.fields(Config):
-        default = getattr(defaults, f.name)
-        kwargs = {"help": f"(default: {default!r})"}
+    fields = command_fields(command)
+    groups = {g: parser.add_argument_group(GROUPS[g]) for g in GROUPS if any(f.metadata["group"] == g for f in fields)}
+    for f in fields:
+        default, meta = getattr(defaults, f.name), f.metadata
+        shown = "$DIFFUSION_DATA_ROOT or data" if f.name == "data_root" else show(default)
+        kwargs = {"help": f"{meta['help']} (default: {shown})".replace("%", "%%")}  # argparse formats help with %
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
-            kwargs.update(nargs="+", type=int)
+            kwargs.update(nargs="+", type=int, metavar="N")
         else:
             kwargs["type"] = type(default)
-        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, **kwargs)
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        groups[meta["group"]].add_argument(f"--{_flag(f.name)}", dest=f.name, **kwargs)
     parser.add_argument("--debug", action="store_true", default=False, help="show full tracebacks on errors")
     return parser
+
+
+def parse_command_line(parser: ArgumentParser, command: str, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, except that a Config flag this command does not take is refused with the reason."""
+    args, unknown = parser.parse_known_args(argv)
+    usable = {f.name for f in command_fields(command)}
+    for token in unknown:
+        name = token.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_")
+        field_ = next((f for f in dataclasses.fields(Config) if f.name == name), None)
+        if token.startswith("--") and field_ and name not in usable:
+            why = ("is fixed by training; it comes from the checkpoint" if field_.metadata["trained"] else
+                   f"is a {field_.metadata['group']} setting; {command} uses the checkpoint's or has no use for it")
+            raise UserError(f"{token.split('=')[0]} {why}")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def trained_fields() -> tuple[str, ...]:
+    """What a network is trained for: its architecture, its data's shape and its noise schedule."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["trained"])
+
+
+def runtime_fields() -> tuple[str, ...]:
+    """How to sample and where: taken from this version's defaults and the command line, not from the run."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["group"] in ("sampling", "runtime"))
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
@@ -180,9 +275,27 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Config from the command line: defaults, then overrides; unknown flags exit with usage."""
-    args = build_parser("Train a DDPM on MNIST.").parse_args(argv)
+    """Config from the training command line: defaults, then overrides; unknown flags exit with usage."""
+    args = build_parser("main", "Train a DDPM on MNIST.").parse_args(argv)
     return Config(**config_overrides(args))
+
+
+def show(value) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def markdown_table() -> str:
+    """The README's configuration table, written from the fields themselves."""
+    rows = ["| flag | default | group | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(Config):
+        shown = "$DIFFUSION_DATA_ROOT or data" if f.name == "data_root" else show(getattr(Config(), f.name))
+        meaning = f.metadata["help"] + (f" ({', '.join(f.metadata['choices'])})" if f.metadata["choices"] else "")
+        rows.append(f"| `--{_flag(f.name)}` | `{shown}` | {f.metadata['group']}"
+                    f"{', *trained*' if f.metadata['trained'] else ''} | {meaning} |")
+    return "\n".join(rows)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -200,3 +313,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA, but torch sees no GPU here")
     return device
+
+
+def amp_enabled(cfg: Config, device: torch.device) -> bool:
+    """bf16 autocast: 'auto' only on CUDA (on the CPUs measured here bf16 convolutions were slower)."""
+    if cfg.amp == "auto":
+        return device.type == "cuda"
+    return cfg.amp == "bf16" and device.type in ("cpu", "cuda")

@@ -78,41 +78,41 @@ def final_alpha_bar(kind: str, T: int, beta_start: float = 1e-4, beta_end: float
     return torch.prod(1 - beta).item() if beta.max() < 1 else 0.0
 
 
-def at(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def values_at(values: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """values[t] shaped to broadcast against a batch x of shape (B, ...)."""
     return values[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
     """Sample q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), Eq. 4."""
-    return at(s.alpha_bar, t, x0).sqrt() * x0 + (1 - at(s.alpha_bar, t, x0)).sqrt() * eps
+    return values_at(s.alpha_bar, t, x0).sqrt() * x0 + (1 - values_at(s.alpha_bar, t, x0)).sqrt() * eps
 
 
 def predict_x0(xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
     """Invert Eq. 4 for x_0 given the noise: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-    return (xt - (1 - at(s.alpha_bar, t, xt)).sqrt() * eps) / at(s.alpha_bar, t, xt).sqrt()
+    return (xt - (1 - values_at(s.alpha_bar, t, xt)).sqrt() * eps) / values_at(s.alpha_bar, t, xt).sqrt()
 
 
 def predict_eps(xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, s: Schedule) -> torch.Tensor:
     """Invert Eq. 4 for the noise given x_0."""
-    return (xt - at(s.alpha_bar, t, xt).sqrt() * x0) / (1 - at(s.alpha_bar, t, xt)).sqrt()
+    return (xt - values_at(s.alpha_bar, t, xt).sqrt() * x0) / (1 - values_at(s.alpha_bar, t, xt)).sqrt()
 
 
 def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, s: Schedule):
     """Mean and variance of q(x_{t-1} | x_t, x_0), Eqs. 6-7."""
-    ab_prev = at(s.alpha_bar_prev, t, xt)
-    coef_x0 = ab_prev.sqrt() * at(s.beta, t, xt) / (1 - at(s.alpha_bar, t, xt))
-    coef_xt = at(s.alpha, t, xt).sqrt() * (1 - ab_prev) / (1 - at(s.alpha_bar, t, xt))
-    return coef_x0 * x0 + coef_xt * xt, at(s.posterior_var, t, xt)
+    alpha_bar_prev = values_at(s.alpha_bar_prev, t, xt)
+    coef_x0 = alpha_bar_prev.sqrt() * values_at(s.beta, t, xt) / (1 - values_at(s.alpha_bar, t, xt))
+    coef_xt = values_at(s.alpha, t, xt).sqrt() * (1 - alpha_bar_prev) / (1 - values_at(s.alpha_bar, t, xt))
+    return coef_x0 * x0 + coef_xt * xt, values_at(s.posterior_var, t, xt)
 
 
 def p_mean_algorithm2(xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
     """Algorithm 2's mean: (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t), Eq. 11."""
-    return (xt - at(s.beta, t, xt) / (1 - at(s.alpha_bar, t, xt)).sqrt() * eps) / at(s.alpha, t, xt).sqrt()
+    return (xt - values_at(s.beta, t, xt) / (1 - values_at(s.alpha_bar, t, xt)).sqrt() * eps) / values_at(s.alpha, t, xt).sqrt()
 
 
 def diffusion_loss(model: EpsModel, x0: torch.Tensor, s: Schedule, generator: torch.Generator | None = None):
-    """L_simple, Algorithm 1: || eps - eps_theta(sqrt(ab) x0 + sqrt(1 - ab) eps, t) ||^2, t uniform."""
+    """L_simple, Algorithm 1: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2, t uniform."""
     t = torch.randint(0, s.T, (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     return F.mse_loss(model(q_sample(x0, t, eps, s), t).float(), eps)

@@ -10,7 +10,7 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a command's main(); turn UserError into 'error: ...' and exit code 2 unless --debug."""
+    """TrainingRun a command's main(); turn UserError into 'error: ...' and exit code 2 unless --debug."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion.checkpoint import latest_checkpoint
+from diffusion.checkpoint import resolve_checkpoint
 from diffusion.classifier import DEFAULT_PATH, DigitCNN, load_classifier
-from diffusion.config import Config, build_parser, config_overrides
+from diffusion.config import Config, build_parser, config_overrides, parse_command_line
 from diffusion.dataloader import load_images, to_uint8, to_unit_range
 from diffusion.errors import UserError, run_cli
+from diffusion.generation import generate, load_for_sampling, sample_labels
+from diffusion.sampling import add_sampling_args
 
 
 @torch.no_grad()
@@ -175,24 +177,20 @@ def evaluate(images: torch.Tensor, cfg: Config, classifier: Path, digit: int | N
 
 
 def sample_for_scoring(net, cfg: Config, device, n: int, digit: int | None = None,
-                       unconditional: bool = False) -> torch.Tensor:
+                       unconditional: bool = False, progress: bool = True) -> torch.Tensor:
     """n uint8 samples, labelled and seeded as `python -m diffusion.sampling --num-images n` would."""
-    from diffusion.sampling import generate, sample_labels
-
     labels = sample_labels(cfg, n, digit, False, unconditional, cfg.seed, device)
-    return to_uint8(generate(net, cfg, n, labels, device, seed=cfg.seed, progress=False)).cpu()
+    return to_uint8(generate(net, cfg, n, labels, device, seed=cfg.seed, progress=progress)).cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
-    from diffusion.sampling import add_sampling_args, load_for_sampling
-
-    parser = build_parser("Score generated digits against MNIST with the project's classifier.")
+    parser = build_parser("evaluate", "Score generated digits against MNIST with the project's classifier.")
     add_sampling_args(parser)
     parser.add_argument("--samples", default=None, help="score this .npy (N x 28 x 28 uint8) or PNG grid instead")
-    parser.add_argument("--n", type=int, default=1000, help="samples to generate and score")
-    parser.add_argument("--classifier", default=str(DEFAULT_PATH), help="classifier from `python -m diffusion.classifier`")
+    parser.add_argument("--n", type=int, default=1000, help="samples to generate and score (default: 1000)")
+    parser.add_argument("--classifier", default=str(DEFAULT_PATH), help="classifier from `python -m diffusion.classifier` (default: %(default)s)")
     parser.add_argument("--json", action="store_true", default=False, help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, "evaluate", argv)
     overrides = config_overrides(args)
     cfg = Config(**{**Config().to_dict(), **overrides})
     if args.samples:
@@ -200,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if args.n < MIN_IMAGES:
             raise UserError(f"--n must be at least {MIN_IMAGES}, got {args.n}")
-        path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(cfg.ckpt_dir))
+        path = resolve_checkpoint(args.checkpoint, cfg.ckpt_dir)
         net, cfg, device = load_for_sampling(path, overrides, use_ema=not args.no_ema)
         images = sample_for_scoring(net, cfg, device, args.n, args.digit, args.unconditional)
     card, floor = evaluate(images, cfg, Path(args.classifier), args.digit)

@@ -57,7 +57,7 @@ class Attention(nn.Module):
         return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
 
 
-class Level(nn.Module):
+class ResolutionLevel(nn.Module):
     """Residual blocks at one resolution, each optionally followed by attention."""
 
     def __init__(self, c_ins: list[int], c_out: int, emb_dim: int, dropout: float, attention: bool):
@@ -86,14 +86,14 @@ class UNet(nn.Module):
         self.down, self.downsample, skips = nn.ModuleList(), nn.ModuleList(), [base_channels]
         c, res = base_channels, image_size
         for i, w in enumerate(widths):
-            self.down.append(Level([c] + [w] * (num_res_blocks - 1), w, emb_dim, dropout, res in attention_resolutions))
+            self.down.append(ResolutionLevel([c] + [w] * (num_res_blocks - 1), w, emb_dim, dropout, res in attention_resolutions))
             skips += [w] * num_res_blocks
             c = w
             if i + 1 < len(widths):
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
                 res //= 2
-        self.mid = Level([c, c], c, emb_dim, dropout, attention=False)
+        self.mid = ResolutionLevel([c, c], c, emb_dim, dropout, attention=False)
         self.mid_attn = Attention(c)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
@@ -101,7 +101,7 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks + 1):
                 c_ins.append(c + skips.pop())
                 c = w
-            self.up.append(Level(c_ins, w, emb_dim, dropout, res in attention_resolutions))
+            self.up.append(ResolutionLevel(c_ins, w, emb_dim, dropout, res in attention_resolutions))
             if i > 0:
                 self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                                    nn.Conv2d(c, c, 3, padding=1)))

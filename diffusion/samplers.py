@@ -87,10 +87,10 @@ def sample_ddpm(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[i
     return x
 
 
-def ddim_step(x0: torch.Tensor, eps: torch.Tensor, ab: torch.Tensor, ab_prev: torch.Tensor, eta: float):
-    """Mean and std of one DDIM step from alpha_bar = ab to ab_prev, Song et al. 2021, Eqs. 12 and 16."""
-    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-    return ab_prev.sqrt() * x0 + (1 - ab_prev - sigma**2).clamp(min=0).sqrt() * eps, sigma
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor, eta: float):
+    """Mean and std of one DDIM step from alpha_bar = alpha_bar to alpha_bar_prev, Song et al. 2021, Eqs. 12 and 16."""
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+    return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps, sigma
 
 
 @torch.inference_mode()
@@ -102,8 +102,8 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[i
     ts = timesteps
     for i, t in enumerate(ts):
         _, eps, x0 = _denoise(model, x, t, s, clip_x0)
-        ab_prev = s.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(s.alpha_bar[t])
-        x, sigma = ddim_step(x0, eps, s.alpha_bar[t], ab_prev, eta)
+        alpha_bar_prev = s.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(s.alpha_bar[t])
+        x, sigma = ddim_step(x0, eps, s.alpha_bar[t], alpha_bar_prev, eta)
         if eta > 0 and i + 1 < len(ts):
             x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         if callback:

@@ -16,11 +16,13 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from diffusion.checkpoint import FORMAT, check_trained_fields, find_latest, load_checkpoint, load_weights, save_checkpoint
-from diffusion.config import Config, parse_interval, resolve_device
+from diffusion.config import Config, amp_enabled, parse_interval, resolve_device
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
 from diffusion.diffusion_utils import diffusion_loss, schedule_from_config
 from diffusion.errors import UserError
+from diffusion.generation import generate
 from diffusion.model import build_model
+from diffusion.visuals import save_grid, save_loss_curve
 
 
 def ema_multi_avg_fn(decay: float):
@@ -89,10 +91,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class Run:
+class TrainingRun:
     """Everything a training run owns: model, EMA, optimizer, schedule, data and counters."""
 
-    def __init__(self, cfg: Config, rank: int = 0, world: int = 1, device: torch.device | None = None):
+    def __init__(self, cfg: Config, rank: int = 0, world: int = 1, device: torch.device | None = None,
+                 model: torch.nn.Module | None = None):
+        """`model` replaces the config's U-Net (any net with eps = net(x, t, labels)); the benchmarks use it."""
         self.rank, self.world = rank, world
         self.device = device or resolve_device(cfg.device)
         self.images, self.labels = load_images(cfg, train=True)
@@ -102,21 +106,21 @@ class Run:
         self.cfg = cfg = dataclasses.replace(cfg, **shape)
         self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg).to(self.device)
+        self.model = (model or build_model(cfg)).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay))
         self.ema.requires_grad_(False)
-        self.net = self.model
+        self.wrapped_model = self.model  # what the step calls: the model, or DDP / torch.compile around it
         if world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(
+            self.wrapped_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
-            self.net = torch.compile(self.net)
+            self.wrapped_model = torch.compile(self.wrapped_model)
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.steps_per_epoch = num_batches(len(self.epoch_order(0)), cfg.batch_size // world)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(cfg.warmup_steps, cfg.epochs * self.steps_per_epoch))
         self.schedule = schedule_from_config(cfg).to(self.device)
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + rank)  # t, noise, label drops
@@ -134,7 +138,7 @@ class Run:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
                 "ema_n": self.ema.n_averaged, "optimizer": self.opt.state_dict(),
-                "lr_schedule": self.sched.state_dict(), "epoch": self.epoch, "step": self.step,
+                "lr_schedule": self.lr_scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch, "epoch_loss": self.epoch_loss,
                 "generator": self.gen.get_state(), "rng": rng_state(), "history": self.history,
                 "curve": self.curve, "config": self.cfg.to_dict(), "format": FORMAT}
@@ -147,7 +151,7 @@ class Run:
         try:
             self.ema.n_averaged.copy_(state["ema_n"])
             self.opt.load_state_dict(state["optimizer"])
-            self.sched.load_state_dict(state["lr_schedule"])
+            self.lr_scheduler.load_state_dict(state["lr_schedule"])
             self.gen.set_state(state["generator"].cpu())
             set_rng_state(state["rng"])
             self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
@@ -175,14 +179,14 @@ class Run:
             drop = torch.rand(y.shape, device=y.device, generator=self.gen) < cfg.p_uncond
             y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp_enabled(cfg, self.device)):
-            loss = diffusion_loss(lambda xt, t: self.net(xt, t, y if cfg.num_classes else None),
+            loss = diffusion_loss(lambda xt, t: self.wrapped_model(xt, t, y if cfg.num_classes else None),
                                   x0, self.schedule, self.gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:  # 0 means no clipping (clip_grad_norm_ would scale every gradient to zero)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
-        self.sched.step()
+        self.lr_scheduler.step()
         self.ema.update_parameters(self.model)
         return loss.detach()
 
@@ -193,21 +197,14 @@ def weights_finite(*modules: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all())
 
 
-def amp_enabled(cfg: Config, device: torch.device) -> bool:
-    """bf16 autocast: 'auto' only on CUDA (on the CPUs measured here bf16 convolutions were slower)."""
-    if cfg.amp == "auto":
-        return device.type == "cuda"
-    return cfg.amp == "bf16" and device.type in ("cpu", "cuda")
-
-
 def all_reduce_sum(x: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(x)
     return x
 
 
-def train_one_epoch(run: Run, stop: StopFlag) -> bool:
-    """Run the rest of the current epoch; False when a signal asked to stop (state is saved by the caller)."""
+def train_one_epoch(run: TrainingRun, stop: StopFlag) -> bool:
+    """TrainingRun the rest of the current epoch; False when a signal asked to stop (state is saved by the caller)."""
     cfg = run.cfg
     order = run.epoch_order(run.epoch)
     bad_step = torch.full((), -1, device=run.device)  # first step with a non-finite loss, kept on device
@@ -224,7 +221,7 @@ def train_one_epoch(run: Run, stop: StopFlag) -> bool:
             # a host sync point: read the loss, check for NaN and for a stop signal from any rank
             check_finite(bad_step, run)
             run.curve.append([run.step, loss.item()])
-            bar.set_postfix(loss=f"{run.curve[-1][1]:.4f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{run.curve[-1][1]:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}")
         if snapshot_due(run):
             check_finite(bad_step, run)
             run.save(f"step_{run.step:08d}.pth")
@@ -234,7 +231,7 @@ def train_one_epoch(run: Run, stop: StopFlag) -> bool:
     return True
 
 
-def snapshot_due(run: Run) -> bool:
+def snapshot_due(run: TrainingRun) -> bool:
     """Whether --save-every asks for a checkpoint now (never right before the epoch's own checkpoint)."""
     amount, unit = run.save_interval
     if run.rank != 0 or unit == "off" or run.batch_in_epoch == run.steps_per_epoch:
@@ -244,7 +241,7 @@ def snapshot_due(run: Run) -> bool:
     return time.monotonic() - run.saved_at >= 60 * amount
 
 
-def stop_requested(stop: StopFlag, run: Run) -> bool:
+def stop_requested(stop: StopFlag, run: TrainingRun) -> bool:
     if run.world == 1:
         return stop.signum != 0
     if run.step % run.cfg.log_every:  # ranks agree only at sync points, so all stop at the same step
@@ -254,7 +251,7 @@ def stop_requested(stop: StopFlag, run: Run) -> bool:
     return flag.item() != 0
 
 
-def check_finite(bad_step: torch.Tensor, run: Run) -> None:
+def check_finite(bad_step: torch.Tensor, run: TrainingRun) -> None:
     step = int(bad_step.item())
     if step >= 0:
         last = _describe_latest(run.cfg.ckpt_dir)
@@ -266,14 +263,14 @@ def _describe_latest(ckpt_dir: str) -> str:
     return str(find_latest(Path(ckpt_dir)) or "none yet")
 
 
-def end_of_epoch(run: Run, seconds: float, images_seen: int) -> None:
+def end_of_epoch(run: TrainingRun, seconds: float, images_seen: int) -> None:
     """Print and log the epoch's mean loss, save its checkpoint and pictures (rank 0 only writes)."""
     mean_loss = all_reduce_sum(run.epoch_loss.clone(), run.world).item() / (run.steps_per_epoch * run.world)
     run.epoch += 1
     run.batch_in_epoch = 0
     run.epoch_loss.zero_()
     record = {"epoch": run.epoch, "step": run.step, "loss": round(mean_loss, 6),
-              "lr": run.sched.get_last_lr()[0], "seconds": round(seconds, 2),
+              "lr": run.lr_scheduler.get_last_lr()[0], "seconds": round(seconds, 2),
               "images_per_s": round(images_seen / seconds, 1)}
     run.history.append(record)
     if run.rank != 0:
@@ -284,24 +281,31 @@ def end_of_epoch(run: Run, seconds: float, images_seen: int) -> None:
     write_pictures(run, record)
 
 
-def write_pictures(run: Run, record: dict) -> None:
-    from diffusion.visuals import save_loss_curve, save_preview_grid  # matplotlib loads only when used
-
+def write_pictures(run: TrainingRun, record: dict) -> None:
     out = Path(run.cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     save_loss_curve(run.history, run.curve, out / "loss_curve.png")
     if run.cfg.sample_every and run.epoch % run.cfg.sample_every == 0:
-        save_preview_grid(run.ema.module, run.cfg, run.device, out / f"epoch_{run.epoch:03d}.png")
+        save_grid(preview_samples(run.ema.module, run.cfg, run.device), out / f"epoch_{run.epoch:03d}.png", nrow=10)
 
 
-def train(cfg: Config, resume: str | None = None) -> Run:
+def preview_samples(net: torch.nn.Module, cfg: Config, device: torch.device) -> torch.Tensor:
+    """A fixed-seed set from the EMA weights: two per class when conditional, else 20 samples."""
+    n = 20
+    labels = torch.arange(n, device=device) % cfg.num_classes if cfg.num_classes else None
+    if cfg.p_uncond == 0:  # no unconditional eps was learned, so guidance has nothing to push away from
+        cfg = dataclasses.replace(cfg, guidance=1.0)
+    return generate(net, cfg, n, labels, device, seed=1234, progress=False)
+
+
+def train(cfg: Config, resume: str | None = None) -> TrainingRun:
     """Train for cfg.epochs, resuming from a checkpoint path or 'latest' when asked."""
     rank, world, device = setup_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = Run(cfg, rank, world, device)
+    run = TrainingRun(cfg, rank, world, device)
     path = find_latest(Path(cfg.ckpt_dir)) if resume == "latest" else Path(resume) if resume else None
     if path:
         run.load(path)

@@ -1,7 +1,6 @@
 """Pictures: sample grids, the loss curve, and the denoising animation."""
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,18 +14,6 @@ def save_grid(x: torch.Tensor, path: Path, nrow: int = 4) -> None:
     """Save images in [-1, 1] as one grid PNG."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_image(x.float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
-
-
-def save_preview_grid(net: torch.nn.Module, cfg, device: torch.device, path: Path) -> None:
-    """A fixed-seed grid from the EMA weights: two per class when conditional, else 20 samples."""
-    from diffusion.sampling import generate
-
-    n = 20
-    labels = torch.arange(n, device=device) % cfg.num_classes if cfg.num_classes else None
-    if cfg.p_uncond == 0:  # no unconditional eps was learned, so guidance has nothing to push away from
-        cfg = dataclasses.replace(cfg, guidance=1.0)
-    x = generate(net, cfg, n, labels, device, seed=1234, progress=False)
-    save_grid(x, path, nrow=10)
 
 
 def save_loss_curve(history: list[dict], curve: list[list[float]], path: Path) -> None:

@@ -59,7 +59,7 @@ TINY = ["--base-channels", "8", "--channel-mults", "1", "2", "--timesteps", "50"
 
 
 def run_cli(module: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python -m module args` as a user would; returns the completed process."""
+    """TrainingRun `python -m module args` as a user would; returns the completed process."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
 

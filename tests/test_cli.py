@@ -79,17 +79,49 @@ def test_resume_continues_to_more_epochs(trained, tmp_path, data_root):
     assert load_checkpoint(tmp_path / "epoch_003.pth")["step"] == 12
 
 
-def test_help_lists_every_setting_with_defaults():
-    res = run_cli("diffusion.main", "--help")
-    assert res.returncode == 0
-    for flag in ("--epochs", "--batch-size", "--data-root", "--timesteps", "--schedule", "--device", "--resume"):
-        assert flag in res.stdout
-    assert "(default: 3)" in res.stdout or "default: 3" in res.stdout
+def help_entries(module: str) -> dict[str, str]:
+    """--flag -> its help text, from `python -m module --help`."""
+    import re
+
+    res = run_cli(module, "--help")
+    assert res.returncode == 0 and f"python -m {module}" in res.stdout
+    body = res.stdout.split("\n\n", 2)[-1]  # past the usage and description
+    entries = re.findall(r"^  (--[\w-]+)[^\n]*?(?:  +|\n +)(.*?)(?=^  -|^\S|\Z)", body, re.M | re.S)
+    return {flag: " ".join(text.split()) for flag, text in entries}
+
+
+def test_help_gives_every_flag_a_sentence_and_the_real_default():
+    import dataclasses
+
+    from diffusion.config import Config, _flag, show
+
+    entries = help_entries("diffusion.main")
+    for f in dataclasses.fields(Config):
+        flag = f"--{_flag(f.name)}"
+        assert flag in entries, f"{flag} is missing from --help"
+        assert len(entries[flag].split()) >= 4, f"{flag} has no help sentence: {entries[flag]!r}"
+        if f.name != "data_root":
+            assert entries[flag].endswith(f"(default: {show(getattr(Config(), f.name))})"), (flag, entries[flag])
+    assert "--resume" in entries
+
+
+@pytest.mark.parametrize("module", ["diffusion.sampling", "diffusion.evaluate"])
+def test_sampling_and_evaluate_show_no_training_flag(module):
+    import dataclasses
+
+    from diffusion.config import Config, _flag
+
+    entries = help_entries(module)
+    for f in dataclasses.fields(Config):
+        shown = f"--{_flag(f.name)}" in entries
+        assert shown == (f.metadata["group"] in ("sampling", "runtime") or f.name in ("data_root", "download")
+                         and module == "diffusion.evaluate"), f.name
+    assert all(len(text.split()) >= 2 for text in entries.values()), entries
 
 
 def test_sampling_settings_come_from_this_version_architecture_from_the_checkpoint(trained):
     from diffusion.config import Config
-    from diffusion.sampling import load_for_sampling
+    from diffusion.generation import load_for_sampling
 
     path = trained[0] / "ck" / "epoch_002.pth"
     assert load_checkpoint(path)["config"]["sample_steps"] == 4  # the run's own setting

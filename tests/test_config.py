@@ -14,8 +14,25 @@ def test_overrides_arrive_typed():
     assert isinstance(cfg.lr, float) and isinstance(cfg.epochs, int)
 
 
-def test_defaults_when_no_flags():
-    assert parse_args([]) == Config()
+def test_every_field_is_a_flag_that_arrives_with_its_type():
+    """Each Config field, set on the command line to a value other than its default, arrives as that value."""
+    import dataclasses
+
+    others = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 0.5 + 0.25,
+              tuple: lambda v: (*v[:-1], v[-1] * 2), str: lambda v: v}
+    choices = {"dataset": "fashion-mnist", "schedule": "cosine", "sampler": "ddim", "amp": "none", "device": "cpu",
+               "data_root": "/elsewhere", "ckpt_dir": "ck", "out_dir": "out", "save_every": "7steps",
+               "image_size": 56, "base_channels": 40, "beta_start": 0.0002}  # values the validation accepts
+    for f in dataclasses.fields(Config):
+        default = getattr(Config(), f.name)
+        value = choices.get(f.name, others[type(default)](default))
+        assert value != default, f.name
+        if isinstance(value, bool):
+            argv = [f"--{'' if value else 'no-'}{f.name.replace('_', '-')}"]
+        else:
+            argv = [f"--{f.name.replace('_', '-')}", *map(str, value if isinstance(value, tuple) else [value])]
+        got = getattr(parse_args(argv), f.name)
+        assert got == value and type(got) is type(default), (f.name, got, value)
 
 
 def test_unknown_flag_exits_with_usage(capsys):
@@ -58,3 +75,13 @@ def test_device_auto_and_errors():
             resolve_device("cuda")
     with pytest.raises(UserError):
         resolve_device("tpu9")
+
+
+def test_readmes_carry_the_configuration_table_written_from_the_fields():
+    from pathlib import Path
+
+    from diffusion.config import markdown_table
+
+    root = Path(__file__).resolve().parents[1]
+    for readme in ("README.md", "README.ko.md"):
+        assert markdown_table() in (root / readme).read_text(), f"{readme}: regenerate with diffusion.config.markdown_table()"

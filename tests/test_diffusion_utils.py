@@ -19,8 +19,8 @@ def s():
 def gaussian_oracle(mu: float, std: float, s):
     """The optimal eps(x_t, t) = E[eps | x_t] when x_0 ~ N(mu, std^2): x_t is jointly Gaussian with eps."""
     def model(xt, t):
-        ab = s.alpha_bar[t].view(-1, *([1] * (xt.dim() - 1)))
-        return (1 - ab).sqrt() * (xt - ab.sqrt() * mu) / (ab * std**2 + 1 - ab)
+        alpha_bar = s.alpha_bar[t].view(-1, *([1] * (xt.dim() - 1)))
+        return (1 - alpha_bar).sqrt() * (xt - alpha_bar.sqrt() * mu) / (alpha_bar * std**2 + 1 - alpha_bar)
     return model
 
 
@@ -66,10 +66,10 @@ def test_posterior_matches_bayes_rule(s, t):
     """q(x_{t-1}|x_t,x_0) ∝ q(x_t|x_{t-1}) q(x_{t-1}|x_0): precisions add, means weight by precision."""
     g = torch.Generator().manual_seed(0)
     x0, xt = torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, 3, generator=g, dtype=F64)
-    a, b, ab_prev = s.alpha[t], s.beta[t], s.alpha_bar[t - 1]
-    prec_lik, prec_prior = a / b, 1 / (1 - ab_prev)  # x_t = sqrt(a) x_{t-1} + sqrt(b) eps
+    a, b, alpha_bar_prev = s.alpha[t], s.beta[t], s.alpha_bar[t - 1]
+    prec_lik, prec_prior = a / b, 1 / (1 - alpha_bar_prev)  # x_t = sqrt(a) x_{t-1} + sqrt(b) eps
     var = 1 / (prec_lik + prec_prior)
-    mean = var * (a.sqrt() / b * xt + ab_prev.sqrt() / (1 - ab_prev) * x0)
+    mean = var * (a.sqrt() / b * xt + alpha_bar_prev.sqrt() / (1 - alpha_bar_prev) * x0)
     got_mean, got_var = q_posterior(x0, xt, torch.full((4,), t), s)
     assert torch.allclose(got_mean, mean, rtol=1e-10, atol=1e-12)
     assert torch.allclose(got_var.flatten(), var.expand(4), rtol=1e-10)

@@ -6,8 +6,8 @@ from torch.utils._pytree import tree_leaves
 from diffusion.diffusion_utils import make_schedule
 from diffusion.model import UNet
 from diffusion.samplers import SAMPLERS, guided, sampler_timesteps
-from diffusion.train import Run
-from tests.conftest import TINY, run_cli
+from diffusion.train import TrainingRun
+from tests.conftest import run_cli
 from tests.test_resume_and_faults import start_training, tiny_cfg
 
 
@@ -45,7 +45,7 @@ def test_every_sampler_loop_runs_without_float64():
 
 
 def test_training_step_runs_without_float64(data_root, tmp_path):
-    run = Run(tiny_cfg(data_root, tmp_path))
+    run = TrainingRun(tiny_cfg(data_root, tmp_path))
     x0, y = run.images[:16].float() / 127.5 - 1, run.labels[:16]
     with NoFloat64():
         for _ in range(2):

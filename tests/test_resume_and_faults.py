@@ -29,7 +29,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_few_steps_on_a_fixed_batch_lower_its_loss(data_root, tmp_path):
-    run = train_module.Run(tiny_cfg(data_root, tmp_path, "--lr", "3e-3", "--epochs", "10"))  # LR decays over 40 steps
+    run = train_module.TrainingRun(tiny_cfg(data_root, tmp_path, "--lr", "3e-3", "--epochs", "10"))  # LR decays over 40 steps
     x0, y = run.images[:64].float() / 127.5 - 1, run.labels[:64]
     g = torch.Generator().manual_seed(0)
     fixed_t, fixed_eps = torch.randint(0, 50, (64,), generator=g), torch.randn(x0.shape, generator=g)
@@ -197,15 +197,15 @@ def test_time_based_checkpoints_are_written(data_root, tmp_path, monkeypatch):
     clock = iter(range(0, 10_000, 61))  # every call to the clock is a minute and a second later
     monkeypatch.setattr(train_module.time, "monotonic", lambda: next(clock))
     saved = []
-    real_save = train_module.Run.save
-    monkeypatch.setattr(train_module.Run, "save", lambda run, name: saved.append(name) or real_save(run, name))
+    real_save = train_module.TrainingRun.save
+    monkeypatch.setattr(train_module.TrainingRun, "save", lambda run, name: saved.append(name) or real_save(run, name))
     train(tiny_cfg(data_root, tmp_path, "--epochs", "1", "--save-every", "1min"))
     assert saved == ["step_00000001.pth", "step_00000002.pth", "step_00000003.pth", "epoch_001.pth"]
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["epoch_001.pth"]
 
 
 def test_non_finite_weights_are_never_saved(data_root, tmp_path):
-    run = train_module.Run(tiny_cfg(data_root, tmp_path))
+    run = train_module.TrainingRun(tiny_cfg(data_root, tmp_path))
     run.save("epoch_001.pth")
     with torch.no_grad():
         next(run.ema.module.parameters())[0] = float("nan")
@@ -216,13 +216,13 @@ def test_non_finite_weights_are_never_saved(data_root, tmp_path):
 
 def test_grad_clip_zero_means_no_clipping(data_root, tmp_path):
     def weights_after_steps(clip):
-        run = train_module.Run(tiny_cfg(data_root, tmp_path, "--grad-clip", clip))
+        run = train_module.TrainingRun(tiny_cfg(data_root, tmp_path, "--grad-clip", clip))
         x0, y = run.images[:64].float() / 127.5 - 1, run.labels[:64]
         for _ in range(3):
             run.train_step(x0, y)
         return [p.detach().clone() for p in run.model.parameters()]
 
-    unclipped, off, start = weights_after_steps("1e9"), weights_after_steps("0"), train_module.Run(
+    unclipped, off, start = weights_after_steps("1e9"), weights_after_steps("0"), train_module.TrainingRun(
         tiny_cfg(data_root, tmp_path)).model.parameters()
     assert all(torch.equal(a, b) for a, b in zip(unclipped, off))
     assert any(not torch.equal(a, b) for a, b in zip(off, start)), "the weights must move"

@@ -186,8 +186,8 @@ def flow_exact(s, x, t_from, t_to, mu, std):
     """The probability-flow ODE's exact map for x_0 ~ N(mu, std^2): marginals stay Gaussian, and the
     flow moves each point by its z-score, x_u = m_u + s_u (x_t - m_t) / s_t."""
     def moments(t):
-        ab = s.alpha_bar[t]
-        return ab.sqrt() * mu, (ab * std**2 + 1 - ab).sqrt()
+        alpha_bar = s.alpha_bar[t]
+        return alpha_bar.sqrt() * mu, (alpha_bar * std**2 + 1 - alpha_bar).sqrt()
     (m_t, s_t), (m_u, s_u) = moments(t_from), moments(t_to)
     return m_u + s_u * (x - m_t) / s_t
 

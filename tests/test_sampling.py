@@ -4,7 +4,7 @@ import torch
 
 from diffusion.config import Config
 from diffusion.errors import UserError
-from diffusion.sampling import sample_labels
+from diffusion.generation import sample_labels
 
 
 def test_default_labels_cover_every_class_equally_in_random_order():

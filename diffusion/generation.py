@@ -1,0 +1,97 @@
+"""Generating images from a trained network: the library behind sampling, evaluate, the per-epoch
+preview and the benchmarks. Loads a checkpoint for sampling, picks labels, runs a sampler in batches."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from diffusion.checkpoint import check_trained_fields, load_checkpoint, load_weights
+from diffusion.config import Config, amp_enabled, from_dict, resolve_device, runtime_fields
+from diffusion.diffusion_utils import schedule_from_config
+from diffusion.errors import UserError
+from diffusion.model import UNet, build_model
+from diffusion.samplers import SAMPLERS, guided, sampler_timesteps
+
+
+def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device: torch.device,
+             seed: int = 0, progress: bool = True, callback=None) -> torch.Tensor:
+    """n images in [-1, 1] from cfg.sampler, in chunks of cfg.sample_batch; labels (n,) guide them, None
+    samples unconditionally. Chunk k draws its noise from seed + k * 1_000_003, so the same command and
+    seed give the same images, and a first chunk equals a single batch of the same seed."""
+    check_guidance(cfg, labels)
+    schedule_cpu = schedule_from_config(cfg)
+    timesteps = sampler_timesteps(cfg.sampler, schedule_cpu, cfg.sample_steps)  # float64 math stays on the CPU
+    schedule = schedule_cpu.to(device)
+    starts = range(0, n, cfg.sample_batch)
+    bar = tqdm(total=len(timesteps) * len(starts), unit="step", disable=not progress,
+               desc=f"sampling ({cfg.sampler}, {len(timesteps)} steps{', %d batches' % len(starts) if len(starts) > 1 else ''})")
+
+    def on_step(i, xt, x0):
+        bar.update()
+        if callback:
+            callback(i, xt, x0)
+
+    chunks = []
+    for k, start in enumerate(starts):
+        size = min(cfg.sample_batch, n - start)
+        g = torch.Generator(device).manual_seed(seed + k * 1_000_003)
+        x = torch.randn(size, cfg.channels, cfg.image_size, cfg.image_size, device=device, generator=g)
+        model = guided(net.eval(), None if labels is None else labels[start:start + size], cfg.guidance,
+                       null_label=cfg.num_classes)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled(cfg, device)):
+            x = SAMPLERS[cfg.sampler](model, x, schedule, timesteps, generator=g, callback=on_step,
+                                      clip_x0=cfg.clip_x0, eta=cfg.eta)
+        chunks.append(x.float())
+    bar.close()
+    return torch.cat(chunks)
+
+
+def check_guidance(cfg: Config, labels: torch.Tensor | None) -> None:
+    """A model trained with --p-uncond 0 never learned eps_u: refuse anything that would use it."""
+    if not cfg.num_classes or cfg.p_uncond > 0:
+        return
+    if labels is None:
+        raise UserError("this model was trained with --p-uncond 0, so it has no unconditional mode; "
+                        "drop --unconditional")
+    if cfg.guidance != 1:
+        raise UserError(f"this model was trained with --p-uncond 0, so it has no unconditional eps to guide with; "
+                        f"pass --guidance 1 (got {cfg.guidance})")
+
+
+def load_for_sampling(path: Path, overrides: dict, use_ema: bool = True) -> tuple[UNet, Config, torch.device]:
+    """Rebuild the U-Net from the checkpoint's config (plus command-line overrides) and load its weights."""
+    state = load_checkpoint(path)
+    current = {name: getattr(Config(), name) for name in runtime_fields()}  # this version's defaults, not the run's
+    cfg = dataclasses.replace(from_dict(state["config"]), **{**current, **overrides})
+    check_trained_fields(state["config"], cfg, path)
+    device = resolve_device(cfg.device)
+    net = build_model(cfg)
+    load_weights(net, state["ema" if use_ema else "model"], path)
+    return net.to(device).eval(), cfg, device
+
+
+def sample_labels(cfg: Config, n: int, digit: int | None = None, all_digits: bool = False,
+                  unconditional: bool = False, seed: int = 0, device="cpu") -> torch.Tensor | None:
+    """The labels to guide n samples with, or None for the unconditional model.
+
+    By default a conditional model samples every class equally often, in random order: guided samples
+    are much cleaner than the unconditional model's, which sees only p_uncond of the training labels.
+    """
+    if unconditional or not cfg.num_classes:
+        if digit is not None or all_digits:
+            raise UserError("this checkpoint was trained without labels; --digit / --all-digits need a "
+                            "conditional model" if not cfg.num_classes else "--unconditional excludes --digit / --all-digits")
+        return None
+    if digit is not None and not 0 <= digit < cfg.num_classes:
+        raise UserError(f"--digit must be in 0..{cfg.num_classes - 1}, got {digit}")
+    if digit is not None:
+        return torch.full((n,), digit, device=device, dtype=torch.long)
+    if all_digits:  # one row per class
+        return torch.arange(cfg.num_classes, device=device).repeat_interleave(n)
+    balanced = torch.arange(n) % cfg.num_classes
+    return balanced[torch.randperm(n, generator=torch.Generator().manual_seed(seed))].to(device)
+
+
