@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from diffusion.config import Config
+from diffusion.dataloader import to_unit_range
+from diffusion.generation import parse_sampler_spec
 from diffusion.train import TrainingRun, train_one_epoch
 
 SYSTEMS = ("ours", "diffusers", "lucidrains")
@@ -71,7 +73,7 @@ def make_run(system: str, cfg: Config) -> TrainingRun:
     """The product's TrainingRun, with the anchor's network in place of the U-Net."""
     if system == "ours":
         return TrainingRun(cfg)
-    cfg = dataclasses.replace(cfg, channels_last=False, num_classes=0 if system == "lucidrains" else cfg.num_classes)
+    cfg = dataclasses.replace(cfg, memory_format="contiguous", num_classes=0 if system == "lucidrains" else cfg.num_classes)
     torch.manual_seed(cfg.seed)
     return TrainingRun(cfg, model=DiffusersNet(cfg.num_classes) if system == "diffusers" else LucidrainsNet())
 
@@ -102,13 +104,6 @@ def train_for(run: TrainingRun, seconds: float) -> dict:
             "params": sum(p.numel() for p in run.model.parameters()), "loss_curve": run.curve}
 
 
-def parse_sampler(spec: str) -> tuple[str, int, float]:
-    """'dpmpp-20' -> ('dpmpp', 20, 0.0); 'dpmpp-20:1' -> eta 1 (the stochastic variant)."""
-    name_steps, _, eta = spec.partition(":")
-    name, steps = name_steps.split("-")
-    return name, int(steps), float(eta or 0)
-
-
 def score(run: TrainingRun, args) -> list[dict]:
     from diffusion.classifier import load_classifier
     from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
@@ -119,8 +114,7 @@ def score(run: TrainingRun, args) -> list[dict]:
     net, rows = run.ema.module.eval(), []
     modes = ["guided", "unconditional"] if run.cfg.num_classes else ["unconditional"]
     for sampler in args.samplers:
-        name, steps, eta = parse_sampler(sampler)
-        cfg = dataclasses.replace(run.cfg, sampler=name, sample_steps=steps, eta=eta, guidance=2.0)
+        cfg = dataclasses.replace(run.cfg, **parse_sampler_spec(sampler), guidance=2.0)
         for mode in modes:
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -131,7 +125,7 @@ def score(run: TrainingRun, args) -> list[dict]:
             print(f"{args.only} {sampler} {mode}: FD {card['fd']:.1f}, precision {card['precision']:.3f}, "
                   f"recall {card['recall']:.3f}", flush=True)
             grid = Path(args.out) / f"{args.only}_{sampler.replace(':', '_eta')}_{mode}.png"
-            save_grid(images[:64].float().div(127.5).sub(1), grid, nrow=8)
+            save_grid(to_unit_range(images[:64]), grid, nrow=8)
     rows.append({"mode": "floor", **scorecard(clf, floor_images, reference, train)})
     return rows
 
@@ -156,7 +150,7 @@ def run_one(args) -> None:
 @torch.no_grad()
 def eps_error(args, timesteps=(999, 900, 500, 200, 50, 5), n: int = 500) -> None:
     """Test-set mean squared error of each saved EMA's noise prediction at a few t (same x0, noise and labels)."""
-    from diffusion.dataloader import load_images, to_unit_range
+    from diffusion.dataloader import load_images
     from diffusion.diffusion_utils import q_sample
 
     cfg = Config(data_root=args.data_root)
@@ -188,7 +182,8 @@ def print_table(out: Path, systems) -> None:
         for s in r["scores"]:
             if s["mode"] == "floor":
                 continue
-            name, steps, eta = parse_sampler(s["sampler"])
+            spec = parse_sampler_spec(s["sampler"])
+            name, steps, eta = spec["sampler"], spec["sample_steps"], spec["eta"]
             print(f"| {r['description']} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | {r['steps']} | "
                   f"{name}-{steps}{f', eta {eta:g}' if eta else ''} | {'w = 2' if s['mode'] == 'guided' else 'none'} | {s['fd']:.1f} | "
                   f"{s['precision']:.3f} | {s['recall']:.3f} | {s['confidence']:.3f} | {s['class_kl_uniform']:.3f} |")

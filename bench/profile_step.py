@@ -9,6 +9,7 @@ import argparse
 from torch.profiler import ProfilerActivity, profile
 
 from diffusion.config import Config
+from diffusion.dataloader import to_unit_range
 from diffusion.train import TrainingRun
 
 
@@ -19,7 +20,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=12)
     args = parser.parse_args()
     run = TrainingRun(Config(data_root=args.data_root, limit_train=1024))
-    x0, y = run.images[:128].float() / 127.5 - 1, run.labels[:128]
+    x0, y = to_unit_range(run.images[:128]), run.labels[:128]
     for _ in range(3):
         run.train_step(x0, y)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

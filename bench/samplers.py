@@ -11,13 +11,12 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from diffusion.checkpoint import resolve_checkpoint
 from diffusion.classifier import DEFAULT_PATH, load_classifier
 from diffusion.config import Config
 from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
-from diffusion.generation import generate, load_for_sampling
+from diffusion.generation import generate, load_for_sampling, sample_labels
 
 FAMILIES = ("dpmpp:0", "dpmpp:1", "ddim:0", "ddim:1", "ddpm")  # sampler:eta (eta 1 = stochastic, ancestral-like)
 STEPS = (5, 10, 20, 50, 100)
@@ -32,7 +31,7 @@ def grid(families) -> list[tuple[str, float, int]]:
 
 
 def seconds_for_16(net, cfg, device) -> float:
-    labels = torch.arange(16, device=device) % cfg.num_classes if cfg.num_classes else None
+    labels = sample_labels(cfg, 16, device=device)
     t0 = time.perf_counter()
     generate(net, cfg, 16, labels, device, progress=False)
     return time.perf_counter() - t0

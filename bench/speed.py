@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 OURS = {  # name: Config overrides
-    "ours: default (32/64/64, 1 block, fp32, channels_last)": {},
-    "ours: default, NCHW": {"channels_last": False},
-    "ours: default, bf16 autocast": {"amp": "bf16"},
+    "ours: default (32/64/64, 1 block; --amp/--memory-format auto)": {},
+    "ours: default, fp32, channels_last": {"amp": "none", "memory_format": "channels_last"},
+    "ours: default, fp32, NCHW": {"amp": "none", "memory_format": "contiguous"},
+    "ours: default, bf16, channels_last": {"amp": "bf16", "memory_format": "channels_last"},
+    "ours: default, bf16, NCHW": {"amp": "bf16", "memory_format": "contiguous"},
     "ours: 16/64/64, 1 block": {"base_channels": 16, "channel_mults": (1, 4, 4)},
     "ours: 32/64/64, 2 blocks": {"num_res_blocks": 2},
 }
@@ -60,17 +62,19 @@ def time_steps(step, steps: int, warmup: int = 3) -> float:
 
 def ours(name: str, args) -> dict:
     from diffusion.config import Config
+    from diffusion.dataloader import to_unit_range
     from diffusion.train import TrainingRun
 
     cfg = Config(data_root=args.data_root, limit_train=args.batch * 4, batch_size=args.batch, **OURS[name])
     run = TrainingRun(cfg)
-    x0 = run.images[: args.batch].float() / 127.5 - 1
+    x0 = to_unit_range(run.images[: args.batch])
     y = run.labels[: args.batch]
     t = torch.randint(0, 1000, (args.batch,))
-    x_in = x0.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x0
+    x_in = x0.contiguous(memory_format=torch.channels_last) if run.precision.channels_last else x0
     flops = forward_flops(lambda: run.model(x_in, t, y), args.batch)
     seconds = time_steps(lambda: run.train_step(x0, y), args.steps)
-    result = {"params": sum(p.numel() for p in run.model.parameters()), "fwd_flops": flops, "step_s": seconds}
+    result = {"params": sum(p.numel() for p in run.model.parameters()), "fwd_flops": flops, "step_s": seconds,
+              "precision": run.precision.describe()}
     if name == next(iter(OURS)):
         result["sampling"] = sampling_times(run.ema.module, cfg)
     return result
@@ -161,10 +165,11 @@ def main() -> None:
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"\nmatmul peak (fp32, 2048x2048, {torch.get_num_threads()} threads): {peak:.0f} GFLOP/s; batch {args.batch}\n")
-    print("| configuration | params | train img/s | fwd GFLOP/img | achieved GFLOP/s | % of peak | peak RSS MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| configuration | precision | params | train img/s | fwd GFLOP/img | achieved GFLOP/s | % of peak | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['name']} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | {r['fwd_flops'] / 1e9:.3f} | "
+        print(f"| {r['name']} | {r.get('precision', '-')} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | "
+              f"{r['fwd_flops'] / 1e9:.3f} | "
               f"{r['achieved_gflops']:.0f} | {100 * r['achieved_gflops'] / peak:.0f}% | {r['peak_rss_mib']:.0f} |")
     for r in results:
         if "sampling" in r:

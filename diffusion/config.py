@@ -11,11 +11,13 @@ import torch
 
 from diffusion.diffusion_utils import final_alpha_bar
 from diffusion.errors import UserError
+from diffusion.logger import LOGGERS
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 DATASETS = ("mnist", "fashion-mnist", "folder")
 AMP_MODES = ("auto", "bf16", "none")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 MAX_FINAL_ALPHA_BAR = 1e-2  # x_T must be this close to N(0, I): samplers start there
 
 
@@ -89,6 +91,8 @@ class Config:
                               "epoch; 0 = only at epoch ends", "training")
     keep_last: int = setting(0, "keep only the newest K checkpoints, epoch and timed (0 = keep all)", "training")
     sample_every: int = setting(1, "epochs between preview grids in --out-dir (0 = never)", "training")
+    logger: str = setting("none", "also log the loss, learning rate and preview grids for TensorBoard, in "
+                          "OUT_DIR/tensorboard (pip install -e \".[tensorboard]\")", "training", choices=LOGGERS)
     # --- sampling ---
     sampler: str = setting("dpmpp", "ddpm (all T steps, Algorithm 2), ddim, or dpmpp (DPM-Solver++(2M))",
                            "sampling", choices=SAMPLERS)
@@ -103,10 +107,10 @@ class Config:
     # --- where and how it runs ---
     device: str = setting("auto", "auto picks cuda, then mps, then cpu; or any torch device name", "runtime")
     threads: int = setting(0, "CPU threads for torch (0 = torch's default)", "runtime")
-    amp: str = setting("auto", "bf16 autocast: auto (on CUDA only), bf16, or none; on a CPU measure first",
-                       "runtime", choices=AMP_MODES)
-    channels_last: bool = setting(True, "channels-last memory format for the convolutions (~10% faster on CPU)",
-                                  "runtime")
+    amp: str = setting("auto", "bf16 autocast: auto picks the faster of bf16 and fp32 by timing a few steps on "
+                       "this CPU (cached; bf16 on CUDA), or force bf16 / none", "runtime", choices=AMP_MODES)
+    memory_format: str = setting("auto", "the convolutions' memory format: auto times channels_last against "
+                                 "contiguous (NCHW) with --amp, or force one", "runtime", choices=MEMORY_FORMATS)
     seed: int = setting(0, "seed for model init, data order and sampling noise", "runtime")
     ckpt_dir: str = setting(os.path.join("diffusion", "checkpoints"), "folder for checkpoints", "runtime")
     out_dir: str = setting(os.path.join("diffusion", "outputs"), "folder for grids, loss curve and metrics",
@@ -133,6 +137,8 @@ class Config:
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("dataset", self.dataset, DATASETS)
         _choice("amp", self.amp, AMP_MODES)
+        _choice("memory_format", self.memory_format, MEMORY_FORMATS)
+        _choice("logger", self.logger, LOGGERS)
         if not 0 < self.beta_start < self.beta_end < 1:
             raise UserError(f"need 0 < --beta-start < --beta-end < 1, got {self.beta_start}, {self.beta_end}")
         self._validate_noise_schedule()
@@ -313,10 +319,3 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA, but torch sees no GPU here")
     return device
-
-
-def amp_enabled(cfg: Config, device: torch.device) -> bool:
-    """bf16 autocast: 'auto' only on CUDA (on the CPUs measured here bf16 convolutions were slower)."""
-    if cfg.amp == "auto":
-        return device.type == "cuda"
-    return cfg.amp == "bf16" and device.type in ("cpu", "cuda")

@@ -9,7 +9,8 @@ import torch
 from tqdm import tqdm
 
 from diffusion.checkpoint import check_trained_fields, load_checkpoint, load_weights
-from diffusion.config import Config, amp_enabled, from_dict, resolve_device, runtime_fields
+from diffusion.autotune import choose_precision
+from diffusion.config import Config, from_dict, resolve_device, runtime_fields
 from diffusion.diffusion_utils import schedule_from_config
 from diffusion.errors import UserError
 from diffusion.model import UNet, build_model
@@ -25,6 +26,11 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
     schedule_cpu = schedule_from_config(cfg)
     timesteps = sampler_timesteps(cfg.sampler, schedule_cpu, cfg.sample_steps)  # float64 math stays on the CPU
     schedule = schedule_cpu.to(device)
+    guided_batch = labels is not None and cfg.guidance not in (0, 1)  # cond + uncond in one batch
+    precision = choose_precision(cfg, device, net, "sample", min(cfg.sample_batch, n) * (2 if guided_batch else 1),
+                                 verbose=progress)
+    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
     starts = range(0, n, cfg.sample_batch)
     bar = tqdm(total=len(timesteps) * len(starts), unit="step", disable=not progress,
                desc=f"sampling ({cfg.sampler}, {len(timesteps)} steps{', %d batches' % len(starts) if len(starts) > 1 else ''})")
@@ -39,9 +45,10 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
         size = min(cfg.sample_batch, n - start)
         g = torch.Generator(device).manual_seed(seed + k * 1_000_003)
         x = torch.randn(size, cfg.channels, cfg.image_size, cfg.image_size, device=device, generator=g)
+        x = x.contiguous(memory_format=memory_format)
         model = guided(net.eval(), None if labels is None else labels[start:start + size], cfg.guidance,
                        null_label=cfg.num_classes)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp_enabled(cfg, device)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
             x = SAMPLERS[cfg.sampler](model, x, schedule, timesteps, generator=g, callback=on_step,
                                       clip_x0=cfg.clip_x0, eta=cfg.eta)
         chunks.append(x.float())
@@ -95,3 +102,18 @@ def sample_labels(cfg: Config, n: int, digit: int | None = None, all_digits: boo
     return balanced[torch.randperm(n, generator=torch.Generator().manual_seed(seed))].to(device)
 
 
+def sampler_spec(cfg: Config) -> str:
+    """How a sampler setting is named in tables and logs: NAME-STEPS:ETA, e.g. dpmpp-10:1 or ddpm-1000."""
+    if cfg.sampler == "ddpm":
+        return f"ddpm-{cfg.timesteps}"
+    return f"{cfg.sampler}-{cfg.sample_steps}:{cfg.eta:g}"
+
+
+def parse_sampler_spec(spec: str) -> dict:
+    """'dpmpp-20' -> sampler dpmpp, 20 steps, eta 0; 'dpmpp-20:1' -> eta 1. The Config fields it sets."""
+    name_steps, _, eta = spec.partition(":")
+    name, _, steps = name_steps.partition("-")
+    try:
+        return {"sampler": name, "sample_steps": int(steps), "eta": float(eta or 0)}
+    except ValueError:
+        raise UserError(f"a sampler is written NAME-STEPS[:ETA], like dpmpp-20 or ddim-50:1; got {spec!r}") from None

@@ -16,11 +16,13 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from diffusion.checkpoint import FORMAT, check_trained_fields, find_latest, load_checkpoint, load_weights, save_checkpoint
-from diffusion.config import Config, amp_enabled, parse_interval, resolve_device
+from diffusion.autotune import Precision, candidates, choose_precision
+from diffusion.config import Config, parse_interval, resolve_device
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
 from diffusion.diffusion_utils import diffusion_loss, schedule_from_config
 from diffusion.errors import UserError
 from diffusion.generation import generate
+from diffusion.logger import make_logger
 from diffusion.model import build_model
 from diffusion.visuals import save_grid, save_loss_curve
 
@@ -107,7 +109,8 @@ class TrainingRun:
         self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
         torch.manual_seed(cfg.seed)
         self.model = (model or build_model(cfg)).to(self.device)
-        if cfg.channels_last:
+        self.precision = self.choose_precision()
+        if self.precision.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay))
         self.ema.requires_grad_(False)
@@ -129,7 +132,16 @@ class TrainingRun:
         self.history: list[dict] = []  # one record per epoch
         self.curve: list[list[float]] = []  # [step, loss] at every progress-bar update
         self.save_interval = parse_interval(cfg.save_every)
+        self.logger = make_logger(cfg.logger, cfg.out_dir, rank)
         self.saved_at = time.monotonic()
+
+    def choose_precision(self) -> Precision:
+        """bf16 or fp32, channels_last or NCHW: timed on this machine (autotune.py). Ranks of a torchrun job
+        would time differently, so they take the first candidate instead of measuring."""
+        if self.world > 1:
+            return candidates(self.cfg, self.device)[0]
+        return choose_precision(self.cfg, self.device, self.model, "train", min(self.cfg.batch_size, 64),
+                                verbose=self.rank == 0)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         return epoch_order(len(self.images), self.cfg.seed, epoch, self.rank, self.world, self.cfg.batch_size)
@@ -173,12 +185,12 @@ class TrainingRun:
     # --- one step of Algorithm 1 ---
     def train_step(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        if cfg.channels_last:
+        if self.precision.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         if cfg.num_classes:  # drop labels to "no label" so one net learns both eps_c and eps_u
             drop = torch.rand(y.shape, device=y.device, generator=self.gen) < cfg.p_uncond
             y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp_enabled(cfg, self.device)):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16):
             loss = diffusion_loss(lambda xt, t: self.wrapped_model(xt, t, y if cfg.num_classes else None),
                                   x0, self.schedule, self.gen)
         self.opt.zero_grad(set_to_none=True)
@@ -222,6 +234,7 @@ def train_one_epoch(run: TrainingRun, stop: StopFlag) -> bool:
             check_finite(bad_step, run)
             run.curve.append([run.step, loss.item()])
             bar.set_postfix(loss=f"{run.curve[-1][1]:.4f}", lr=f"{run.lr_scheduler.get_last_lr()[0]:.2e}")
+            run.logger.scalars(run.step, {"train/loss": run.curve[-1][1], "train/lr": run.lr_scheduler.get_last_lr()[0]})
         if snapshot_due(run):
             check_finite(bad_step, run)
             run.save(f"step_{run.step:08d}.pth")
@@ -284,11 +297,14 @@ def end_of_epoch(run: TrainingRun, seconds: float, images_seen: int) -> None:
 def write_pictures(run: TrainingRun, record: dict) -> None:
     out = Path(run.cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    run.logger.scalars(run.step, {"epoch/mean_loss": record["loss"], "epoch/images_per_s": record["images_per_s"]})
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     save_loss_curve(run.history, run.curve, out / "loss_curve.png")
     if run.cfg.sample_every and run.epoch % run.cfg.sample_every == 0:
-        save_grid(preview_samples(run.ema.module, run.cfg, run.device), out / f"epoch_{run.epoch:03d}.png", nrow=10)
+        preview = preview_samples(run.ema.module, run.cfg, run.device)
+        save_grid(preview, out / f"epoch_{run.epoch:03d}.png", nrow=10)
+        run.logger.image("preview", preview, run.step)
 
 
 def preview_samples(net: torch.nn.Module, cfg: Config, device: torch.device) -> torch.Tensor:
@@ -327,6 +343,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainingRun:
             end_of_epoch(run, time.perf_counter() - t0, seen)
     finally:
         stop.restore()
+        run.logger.close()
         if world > 1:
             dist.destroy_process_group()
     return run

@@ -1,7 +1,9 @@
 """Shared fixtures: real MNIST from ../shared/data when present, else a small generated stand-in."""
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# the precision autotuner's cache: one per test session, shared with the commands the tests start
+os.environ.setdefault("DIFFUSION_CACHE_DIR", tempfile.mkdtemp(prefix="ddpm-test-cache-"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 

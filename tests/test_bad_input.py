@@ -196,3 +196,16 @@ def test_full_disk_keeps_old_checkpoint(ckpt, tmp_path, monkeypatch):
         save_checkpoint({"model": {}}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["epoch_001.pth"], "no temporary file may be left behind"
+
+
+def test_tensorboard_logger_without_tensorboard_is_one_line(tmp_path, data_root):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys; sys.modules['torch.utils.tensorboard'] = None\n"  # as if tensorboard were not installed
+            "from diffusion.main import main\nfrom diffusion.errors import run_cli\nrun_cli(main)")
+    res = subprocess.run([sys.executable, "-c", code, *TINY, "--logger", "tensorboard", "--data-root", str(data_root),
+                          "--ckpt-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_clean_error(res, "pip install")

@@ -129,3 +129,19 @@ def test_sampling_settings_come_from_this_version_architecture_from_the_checkpoi
     assert cfg.sample_steps == Config().sample_steps and cfg.base_channels == 8 and cfg.timesteps == 50
     _, cfg, _ = load_for_sampling(path, {"sample_steps": 7, "sampler": "ddim"})
     assert (cfg.sample_steps, cfg.sampler) == (7, "ddim")
+
+
+def test_tensorboard_logger_records_loss_and_preview(tmp_path, data_root):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = run_cli("diffusion.main", *TINY, "--epochs", "2", "--logger", "tensorboard", "--data-root", str(data_root),
+                  "--ckpt-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    curve = load_checkpoint(tmp_path / "ck" / "epoch_002.pth")["curve"]
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in logged] == [s for s, _ in curve]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in curve], rel=1e-6)
+    assert [e.step for e in events.Scalars("epoch/mean_loss")] == [4, 8]
+    assert len(events.Images("preview")) == 2

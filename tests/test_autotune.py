@@ -1,0 +1,83 @@
+"""Precision and memory format chosen by timing, cached per machine and model; results work either way."""
+import dataclasses
+
+import pytest
+import torch
+
+import diffusion.autotune as autotune
+from diffusion.autotune import Precision, candidates, choose_precision
+from diffusion.checkpoint import load_checkpoint
+from diffusion.config import Config
+from diffusion.model import build_model
+from tests.conftest import TINY, run_cli
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "precision.json"
+
+
+def test_candidates_follow_the_flags_and_the_device():
+    assert len(candidates(Config(), CPU)) == 4
+    assert candidates(Config(amp="none", memory_format="contiguous"), CPU) == [Precision(False, False)]
+    assert {p.channels_last for p in candidates(Config(amp="bf16"), CPU)} == {True, False}
+    assert candidates(Config(), torch.device("cuda")) == [Precision(True, True)]
+    assert candidates(Config(), torch.device("mps")) == [Precision(False, False)]
+
+
+def test_the_fastest_is_chosen_said_and_cached(cache, monkeypatch, capsys):
+    speed = {Precision(False, True): 0.30, Precision(False, False): 0.35, Precision(True, True): 0.25,
+             Precision(True, False): 0.18}
+    monkeypatch.setattr(autotune, "time_step", lambda model, cfg, device, p, purpose, batch: speed[p])
+    cfg, model = Config(), build_model(Config())
+    assert choose_precision(cfg, CPU, model, "train", 64) == Precision(True, False)
+    line = capsys.readouterr().out
+    assert "bf16 + NCHW, the fastest here" in line and "fp32 + channels_last 0.300" in line and str(cache) in line
+    assert cache.exists()
+
+    def no_measuring(*args):
+        raise AssertionError("a cached choice must not be measured again")
+    monkeypatch.setattr(autotune, "time_step", no_measuring)
+    assert choose_precision(cfg, CPU, model, "train", 64) == Precision(True, False)
+    with pytest.raises(AssertionError):  # another model, purpose or batch is another question
+        choose_precision(dataclasses.replace(cfg, base_channels=16), CPU, model, "train", 64)
+    with pytest.raises(AssertionError):
+        choose_precision(cfg, CPU, model, "sample", 64)
+
+
+def test_an_unwritable_cache_still_gives_an_answer(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("DIFFUSION_CACHE_DIR", str(blocker / "sub"))
+    got = choose_precision(Config(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,)), CPU,
+                           build_model(Config(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,))),
+                           "sample", 4, verbose=False)
+    assert got in candidates(Config(), CPU)
+
+
+def test_real_timing_of_each_candidate_runs(cache):
+    cfg = Config(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,))
+    model = build_model(cfg)
+    before = [p.clone() for p in model.parameters()]
+    for p in candidates(cfg, CPU):
+        for purpose in ("train", "sample"):
+            assert autotune.time_step(model, cfg, CPU, p, purpose, 4) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "timing must not touch the model"
+
+
+def test_checkpoints_and_resume_work_whatever_was_picked(data_root, tmp_path):
+    common = [*TINY, "--data-root", str(data_root), "--ckpt-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")]
+    first = run_cli("diffusion.main", *common, "--epochs", "1", "--amp", "bf16", "--memory-format", "contiguous")
+    assert first.returncode == 0, first.stderr
+    second = run_cli("diffusion.main", *common, "--epochs", "2", "--amp", "none", "--memory-format", "channels_last",
+                     "--resume")
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr
+    state = load_checkpoint(tmp_path / "epoch_002.pth")
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    for amp in ("bf16", "none"):
+        res = run_cli("diffusion.sampling", "--ckpt-dir", str(tmp_path), "--num-images", "4", "--amp", amp,
+                      "--output", str(tmp_path / f"{amp}.png"))
+        assert res.returncode == 0, res.stderr
