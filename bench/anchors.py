@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import torch
 from diffusion.config import Config
 from diffusion.dataloader import to_unit_range
 from diffusion.generation import parse_sampler_spec
-from diffusion.train import TrainingRun, train_one_epoch
+from diffusion.train import StopFlag, TrainingRun, train_one_epoch
 
 SYSTEMS = ("ours", "diffusers", "lucidrains")
 DESCRIPTION = {
@@ -78,29 +77,18 @@ def make_run(system: str, cfg: Config) -> TrainingRun:
     return TrainingRun(cfg, model=DiffusersNet(cfg.num_classes) if system == "diffusers" else LucidrainsNet())
 
 
-class Deadline:
-    """Stands in for train.StopFlag: asks the product's epoch loop to stop once the budget is spent."""
-
-    def __init__(self, seconds: float):
-        self.end = time.perf_counter() + seconds
-
-    @property
-    def signum(self) -> int:
-        return int(time.perf_counter() >= self.end)
-
-
-def train_for(run: TrainingRun, seconds: float) -> dict:
-    """Train with the product's epoch loop until the wall-clock budget is spent; the learning rate
-    follows the usual warm-up, then a cosine in elapsed time instead of steps."""
-    cfg, t0 = run.cfg, time.perf_counter()
-    progress = lambda: min(1.0, (time.perf_counter() - t0) / seconds)  # noqa: E731
-    run.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        run.opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * progress())))
-    deadline = Deadline(seconds)
-    while train_one_epoch(run, deadline):
-        run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+def train_for(run: TrainingRun) -> dict:
+    """Train with the product's epoch loop until run.cfg.minutes are spent (the product's --minutes: warm-up,
+    then a cosine in training time reaching zero at the budget)."""
+    stop, t0 = StopFlag(), time.perf_counter()
+    try:
+        while train_one_epoch(run, stop) == "done":
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+    finally:
+        stop.restore()
     elapsed = time.perf_counter() - t0
-    return {"steps": run.step, "seconds": round(elapsed, 1), "images_per_s": round(run.step * cfg.batch_size / elapsed, 1),
+    return {"steps": run.step, "seconds": round(elapsed, 1),
+            "images_per_s": round(run.step * run.cfg.batch_size / elapsed, 1),
             "params": sum(p.numel() for p in run.model.parameters()), "loss_curve": run.curve}
 
 
@@ -132,7 +120,7 @@ def score(run: TrainingRun, args) -> list[dict]:
 
 def run_one(args) -> None:
     torch.manual_seed(0)
-    cfg = Config(data_root=args.data_root, ckpt_dir=str(Path(args.out) / args.only))
+    cfg = Config(data_root=args.data_root, ckpt_dir=str(Path(args.out) / args.only), minutes=args.minutes)
     run = make_run(args.only, cfg)
     weights, report = Path(args.out) / f"{args.only}_ema.pth", Path(args.out) / f"{args.only}.json"
     if args.rescore:  # new sampler rows for the weights trained earlier; other rows are kept
@@ -140,7 +128,7 @@ def run_one(args) -> None:
         run.ema.module.load_state_dict(torch.load(weights, weights_only=True))
         result["scores"] = [r for r in result["scores"] if r["mode"] != "floor" and r["sampler"] not in args.samplers]
     else:
-        result = {"system": args.only, "description": DESCRIPTION[args.only], **train_for(run, args.minutes * 60),
+        result = {"system": args.only, "description": DESCRIPTION[args.only], **train_for(run),
                   "scores": []}
         torch.save(run.ema.module.state_dict(), weights)
     result["scores"] += score(run, args)

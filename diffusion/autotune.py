@@ -56,7 +56,7 @@ def choose_precision(cfg, device: torch.device, model: torch.nn.Module, purpose:
     cache = read_cache()
     if key in cache:
         return Precision(**cache[key]["choice"])
-    seconds = {p: time_step(model, cfg, device, p, purpose, batch) for p in options}
+    seconds = time_candidates(model, cfg, device, options, purpose, batch)
     best = min(seconds, key=seconds.get)
     write_cache(key, {"choice": best.__dict__, "seconds": {p.describe(): round(s, 4) for p, s in seconds.items()}})
     if verbose:
@@ -66,12 +66,29 @@ def choose_precision(cfg, device: torch.device, model: torch.nn.Module, purpose:
     return best
 
 
-def time_step(model: torch.nn.Module, cfg, device: torch.device, precision: Precision, purpose: str,
-              batch: int, repeats: int = 2) -> float:
-    """Seconds for one training step (forward + backward) or one sampling forward pass, best of `repeats`."""
-    net = copy.deepcopy(model).to(device)
+def time_candidates(model: torch.nn.Module, cfg, device: torch.device, options: list[Precision], purpose: str,
+                    batch: int, warmup: int = 2, rounds: int = 3) -> dict[Precision, float]:
+    """Seconds per step of each candidate, the best of `rounds`, taken in turns so that a passing load on
+    the machine slows every candidate alike; the first calls only warm up oneDNN's kernel caches."""
+    steps = {p: make_step(model, cfg, device, p, purpose, batch) for p in options}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    best = dict.fromkeys(options, float("inf"))
+    for _ in range(rounds):
+        for p, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[p] = min(best[p], time.perf_counter() - start)
+    return best
+
+
+def make_step(model: torch.nn.Module, cfg, device: torch.device, precision: Precision, purpose: str, batch: int):
+    """One training step (forward + backward of the loss) or one sampling forward pass, on a copy of the model."""
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
+    net = copy.deepcopy(model).to(device).to(memory_format=memory_format)
     x0 = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     x0 = x0.contiguous(memory_format=memory_format)
     labels = torch.zeros(batch, dtype=torch.long, device=device) if cfg.num_classes else None
@@ -81,20 +98,12 @@ def time_step(model: torch.nn.Module, cfg, device: torch.device, precision: Prec
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
             if purpose == "train":
+                net.zero_grad(set_to_none=True)
                 diffusion_loss(lambda xt, tt: net(xt, tt, labels), x0, schedule).backward()
             else:
                 with torch.inference_mode():
                     net(x0, t, labels)
-
-    times = []
-    for i in range(repeats + 1):  # the first call warms up oneDNN's kernel cache
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return min(times)
+    return step
 
 
 def cpu_name() -> str:

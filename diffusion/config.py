@@ -75,6 +75,8 @@ class Config:
     # --- training ---
     epochs: int = setting(2, "passes over the training set (about 12 minutes on a 2-core CPU with the defaults)",
                           "training")
+    minutes: float = setting(0.0, "train for this many minutes instead of --epochs, with the learning rate "
+                             "decaying to zero when they are spent (0 = use --epochs)", "training")
     batch_size: int = setting(128, "images per step, split across processes under torchrun", "training")
     lr: float = setting(2e-3, "AdamW peak learning rate; high because the network is small", "training")
     weight_decay: float = setting(0.0, "AdamW weight decay", "training")
@@ -128,7 +130,7 @@ class Config:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("limit_train", "keep_last", "sample_every", "threads", "num_classes", "weight_decay",
+        for name in ("limit_train", "keep_last", "sample_every", "threads", "num_classes", "weight_decay", "minutes",
                      "warmup_steps", "grad_clip", "guidance", "eta"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")

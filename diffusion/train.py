@@ -46,6 +46,14 @@ def lr_lambda(warmup: int, total: int):
     return factor
 
 
+def lr_lambda_budget(warmup: int, run: "TrainingRun"):
+    """Warm-up by steps, then cosine decay in training time, reaching zero when --minutes is spent."""
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, run.trained_seconds / run.budget)))
+    return factor
+
+
 class StopFlag:
     """Turns SIGINT / SIGTERM into a flag the loop checks, so it can save before exiting."""
 
@@ -123,8 +131,11 @@ class TrainingRun:
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         self.steps_per_epoch = num_batches(len(self.epoch_order(0)), cfg.batch_size // world)
+        self.budget = 60 * cfg.minutes  # seconds of training; 0 = train for cfg.epochs
+        self.trained_seconds, self.clock = 0.0, time.monotonic()  # training time, summed over resumed sessions
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(cfg.warmup_steps, cfg.epochs * self.steps_per_epoch))
+            self.opt, lr_lambda_budget(cfg.warmup_steps, self) if self.budget else
+            lr_lambda(cfg.warmup_steps, cfg.epochs * self.steps_per_epoch))
         self.schedule = schedule_from_config(cfg).to(self.device)
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + rank)  # t, noise, label drops
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
@@ -134,6 +145,12 @@ class TrainingRun:
         self.save_interval = parse_interval(cfg.save_every)
         self.logger = make_logger(cfg.logger, cfg.out_dir, rank)
         self.saved_at = time.monotonic()
+
+    def tick(self) -> None:
+        """Add the time since the last tick to the training time (what --minutes budgets)."""
+        now = time.monotonic()
+        self.trained_seconds += now - self.clock
+        self.clock = now
 
     def choose_precision(self) -> Precision:
         """bf16 or fp32, channels_last or NCHW: timed on this machine (autotune.py). Ranks of a torchrun job
@@ -148,12 +165,14 @@ class TrainingRun:
 
     # --- checkpoints ---
     def state(self) -> dict:
+        self.tick()  # the training time up to this moment goes into the checkpoint
         return {"model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
                 "ema_n": self.ema.n_averaged, "optimizer": self.opt.state_dict(),
                 "lr_schedule": self.lr_scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch, "epoch_loss": self.epoch_loss,
                 "generator": self.gen.get_state(), "rng": rng_state(), "history": self.history,
-                "curve": self.curve, "config": self.cfg.to_dict(), "format": FORMAT}
+                "curve": self.curve, "trained_seconds": self.trained_seconds, "config": self.cfg.to_dict(),
+                "format": FORMAT}
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, self.device)
@@ -169,6 +188,7 @@ class TrainingRun:
             self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
             self.epoch_loss = state["epoch_loss"].to(self.device)
             self.history, self.curve = state["history"], state.get("curve", [])
+            self.trained_seconds = state.get("trained_seconds", 0.0)
         except (KeyError, ValueError, RuntimeError) as err:
             raise UserError(f"{path} cannot resume training (it lacks or mismatches optimizer state: {err})") from None
 
@@ -215,15 +235,18 @@ def all_reduce_sum(x: torch.Tensor, world: int) -> torch.Tensor:
     return x
 
 
-def train_one_epoch(run: TrainingRun, stop: StopFlag) -> bool:
-    """TrainingRun the rest of the current epoch; False when a signal asked to stop (state is saved by the caller)."""
+def train_one_epoch(run: TrainingRun, stop: StopFlag) -> str:
+    """Train the rest of the current epoch. Returns 'done', 'signal' when SIGINT/SIGTERM asked to stop, or
+    'budget' when --minutes is spent (the caller saves the state)."""
     cfg = run.cfg
     order = run.epoch_order(run.epoch)
     bad_step = torch.full((), -1, device=run.device)  # first step with a non-finite loss, kept on device
     bar = tqdm(batches(run.images, run.labels, order, cfg.batch_size // run.world, run.batch_in_epoch),
                total=run.steps_per_epoch, initial=run.batch_in_epoch, disable=run.rank != 0,
-               desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="batch", dynamic_ncols=True)
+               desc=f"epoch {run.epoch + 1}" + (f" ({cfg.minutes:g} min budget)" if run.budget else f"/{cfg.epochs}"),
+               unit="batch", dynamic_ncols=True)
     for x0, y in bar:
+        run.tick()
         loss = run.train_step(x0, y)
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), run.step, bad_step)
         run.epoch_loss += loss
@@ -239,9 +262,26 @@ def train_one_epoch(run: TrainingRun, stop: StopFlag) -> bool:
             check_finite(bad_step, run)
             run.save(f"step_{run.step:08d}.pth")
         if stop_requested(stop, run):
-            return False
+            return "signal"
+        if budget_spent(run):
+            check_finite(bad_step, run)
+            return "budget"
     check_finite(bad_step, run)
-    return True
+    return "done"
+
+
+def budget_spent(run: TrainingRun) -> bool:
+    """Whether --minutes of training time have passed; ranks agree at sync points, like stop_requested."""
+    if not run.budget:
+        return False
+    run.tick()
+    if run.world == 1:
+        return run.trained_seconds >= run.budget
+    if run.step % run.cfg.log_every:
+        return False
+    flag = torch.tensor(float(run.trained_seconds >= run.budget), device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() != 0
 
 
 def snapshot_due(run: TrainingRun) -> bool:
@@ -294,6 +334,19 @@ def end_of_epoch(run: TrainingRun, seconds: float, images_seen: int) -> None:
     write_pictures(run, record)
 
 
+def end_of_budget(run: TrainingRun) -> None:
+    """--minutes spent, usually mid-epoch: save final.pth (what `latest` then names) and its pictures."""
+    if run.rank != 0:
+        return
+    path = run.save("final.pth")
+    tqdm.write(f"time budget of {run.cfg.minutes:g} min spent at step {run.step} (epoch {run.epoch + 1}, "
+               f"{run.batch_in_epoch}/{run.steps_per_epoch} batches) -> {path}")
+    out = Path(run.cfg.out_dir)
+    if run.cfg.sample_every:
+        out.mkdir(parents=True, exist_ok=True)
+        save_grid(preview_samples(run.ema.module, run.cfg, run.device), out / "final.png", nrow=10)
+
+
 def write_pictures(run: TrainingRun, record: dict) -> None:
     out = Path(run.cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -330,15 +383,20 @@ def train(cfg: Config, resume: str | None = None) -> TrainingRun:
     elif resume and rank == 0:
         print(f"nothing to resume in {cfg.ckpt_dir}: starting a fresh run")
     stop = StopFlag()
+    run.clock = time.monotonic()  # time spent loading and resuming is not training time
     try:
-        while run.epoch < run.cfg.epochs:
+        while (run.trained_seconds < run.budget) if run.budget else (run.epoch < run.cfg.epochs):
             t0, done_before = time.perf_counter(), run.batch_in_epoch
-            if not train_one_epoch(run, stop):
+            ended = train_one_epoch(run, stop)
+            if ended == "signal":
                 if rank == 0:
                     path = run.save("interrupted.pth")
                     print(f"\nstopped by {signal.Signals(stop.signum).name}: saved {path} "
                           f"(epoch {run.epoch + 1}, step {run.step}); continue with --resume")
                 raise SystemExit(128 + stop.signum)
+            if ended == "budget":
+                end_of_budget(run)
+                break
             seen = min((run.steps_per_epoch - done_before) * cfg.batch_size, len(run.images))
             end_of_epoch(run, time.perf_counter() - t0, seen)
     finally:

@@ -31,7 +31,7 @@ def test_candidates_follow_the_flags_and_the_device():
 def test_the_fastest_is_chosen_said_and_cached(cache, monkeypatch, capsys):
     speed = {Precision(False, True): 0.30, Precision(False, False): 0.35, Precision(True, True): 0.25,
              Precision(True, False): 0.18}
-    monkeypatch.setattr(autotune, "time_step", lambda model, cfg, device, p, purpose, batch: speed[p])
+    monkeypatch.setattr(autotune, "time_candidates", lambda model, cfg, device, options, purpose, batch: speed)
     cfg, model = Config(), build_model(Config())
     assert choose_precision(cfg, CPU, model, "train", 64) == Precision(True, False)
     line = capsys.readouterr().out
@@ -40,7 +40,7 @@ def test_the_fastest_is_chosen_said_and_cached(cache, monkeypatch, capsys):
 
     def no_measuring(*args):
         raise AssertionError("a cached choice must not be measured again")
-    monkeypatch.setattr(autotune, "time_step", no_measuring)
+    monkeypatch.setattr(autotune, "time_candidates", no_measuring)
     assert choose_precision(cfg, CPU, model, "train", 64) == Precision(True, False)
     with pytest.raises(AssertionError):  # another model, purpose or batch is another question
         choose_precision(dataclasses.replace(cfg, base_channels=16), CPU, model, "train", 64)
@@ -62,9 +62,9 @@ def test_real_timing_of_each_candidate_runs(cache):
     cfg = Config(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,))
     model = build_model(cfg)
     before = [p.clone() for p in model.parameters()]
-    for p in candidates(cfg, CPU):
-        for purpose in ("train", "sample"):
-            assert autotune.time_step(model, cfg, CPU, p, purpose, 4) > 0
+    for purpose in ("train", "sample"):
+        seconds = autotune.time_candidates(model, cfg, CPU, candidates(cfg, CPU), purpose, 4)
+        assert set(seconds) == set(candidates(cfg, CPU)) and all(0 < s < 10 for s in seconds.values())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "timing must not touch the model"
 
 

@@ -1,4 +1,5 @@
 """Exact resume, signals, SIGKILL at any moment, and non-finite losses."""
+import math
 import random
 import signal
 import subprocess
@@ -232,3 +233,51 @@ def test_keep_last_prunes_old_epoch_checkpoints(data_root, tmp_path):
     train(tiny_cfg(data_root, tmp_path, "--epochs", "4", "--keep-last", "2"))
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["epoch_003.pth", "epoch_004.pth"]
     assert latest_checkpoint(tmp_path).name == "epoch_004.pth"
+
+
+class StepClock:
+    """A fake time.monotonic that advances only when a training step runs: half a second per step."""
+
+    def __init__(self, monkeypatch):
+        self.now = 0.0
+        real_step = train_module.TrainingRun.train_step
+
+        def timed_step(run, x0, y):
+            self.now += 0.5
+            return real_step(run, x0, y)
+        monkeypatch.setattr(train_module.TrainingRun, "train_step", timed_step)
+        monkeypatch.setattr(train_module.time, "monotonic", lambda: self.now)
+
+
+def test_minutes_budget_ends_training_with_the_learning_rate_at_zero(data_root, tmp_path, monkeypatch):
+    StepClock(monkeypatch)
+    run = train(tiny_cfg(data_root, tmp_path, "--minutes", "0.05", "--warmup-steps", "1"))  # 3 s = 6 steps
+    assert run.step == 6 and run.trained_seconds == pytest.approx(3.0)
+    # the last step ran at 2.5 s of the 3 s budget: a cosine in training time, zero once it is spent
+    assert run.lr_scheduler.get_last_lr()[0] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 2.5 / 3)))
+    assert run.lr_scheduler.lr_lambdas[0](run.step) == pytest.approx(0.0, abs=1e-12)
+    assert latest_checkpoint(tmp_path).name == "final.pth" and (tmp_path / "epoch_001.pth").exists()
+    state = load_checkpoint(tmp_path / "final.pth")
+    assert state["step"] == 6 and state["batch_in_epoch"] == 2 and state["trained_seconds"] == pytest.approx(3.0)
+
+
+def test_a_resumed_budgeted_run_continues_the_same_schedule(data_root, tmp_path, monkeypatch):
+    StepClock(monkeypatch)
+    flags = ("--minutes", "0.1", "--warmup-steps", "2", "--save-every", "5steps")  # 6 s = 12 steps
+    full = train(tiny_cfg(data_root, tmp_path / "a", *flags))
+    assert full.step == 12
+    # interrupt the second run after its 5-step snapshot: its budget, LR and data position come back from it
+    real_save = train_module.TrainingRun.save
+
+    def save_then_die(run, name):
+        path = real_save(run, name)
+        if name.startswith("step_"):
+            raise KeyboardInterrupt
+        return path
+    monkeypatch.setattr(train_module.TrainingRun, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(data_root, tmp_path / "b", *flags))
+    monkeypatch.setattr(train_module.TrainingRun, "save", real_save)
+    resumed = train(tiny_cfg(data_root, tmp_path / "b", *flags), resume="latest")
+    assert resumed.step == 12 and resumed.trained_seconds == pytest.approx(full.trained_seconds)
+    assert_same_weights(load_checkpoint(tmp_path / "a" / "final.pth"), load_checkpoint(tmp_path / "b" / "final.pth"))
