@@ -73,7 +73,7 @@ class Config:
     dropout: float = setting(0.0, "dropout in the residual blocks; a few epochs do not overfit 60k digits",
                              "training")
     # --- training ---
-    epochs: int = setting(2, "passes over the training set (about 12 minutes on a 2-core CPU with the defaults)",
+    epochs: int = setting(2, "passes over the training set (7 to 12 minutes on a 2-core CPU with the defaults)",
                           "training")
     minutes: float = setting(0.0, "train for this many minutes instead of --epochs, with the learning rate "
                              "decaying to zero when they are spent (0 = use --epochs)", "training")

@@ -329,7 +329,8 @@ def end_of_epoch(run: TrainingRun, seconds: float, images_seen: int) -> None:
     if run.rank != 0:
         return
     path = run.save(f"epoch_{run.epoch:03d}.pth")
-    tqdm.write(f"epoch {run.epoch}/{run.cfg.epochs}  mean loss {mean_loss:.4f}  "
+    of_total = "" if run.budget else f"/{run.cfg.epochs}"
+    tqdm.write(f"epoch {run.epoch}{of_total}  mean loss {mean_loss:.4f}  "
                f"{record['images_per_s']:.0f} images/s  {seconds:.0f}s  -> {path}")
     write_pictures(run, record)
 

@@ -21,7 +21,8 @@ def test_every_field_is_a_flag_that_arrives_with_its_type():
     others = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 0.5 + 0.25,
               tuple: lambda v: (*v[:-1], v[-1] * 2), str: lambda v: v}
     choices = {"dataset": "fashion-mnist", "schedule": "cosine", "sampler": "ddim", "amp": "none", "device": "cpu",
-               "data_root": "/elsewhere", "ckpt_dir": "ck", "out_dir": "out", "save_every": "7steps",
+               "data_root": "/elsewhere", "ckpt_dir": "ck", "out_dir": "out", "save_every": "7steps", "logger": "tensorboard",
+               "memory_format": "contiguous",
                "image_size": 56, "base_channels": 40, "beta_start": 0.0002}  # values the validation accepts
     for f in dataclasses.fields(Config):
         default = getattr(Config(), f.name)
