@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from diffusion.checkpoint import check_trained_fields, load_checkpoint, load_weights
 from diffusion.autotune import choose_precision
+from diffusion.checkpoint import check_trained_fields, load_checkpoint, load_weights
 from diffusion.config import Config, from_dict, resolve_device, runtime_fields
 from diffusion.diffusion_utils import schedule_from_config
 from diffusion.errors import UserError
