@@ -14,7 +14,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # the precision autotuner's cache: one per test session, shared with the commands the tests start
 os.environ.setdefault("DIFFUSION_CACHE_DIR", tempfile.mkdtemp(prefix="ddpm-test-cache-"))
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# where real MNIST may already be: $DIFFUSION_DATA_ROOT, or a shared/data folder beside the repository
+REAL_DATA = [Path(p) for p in (os.environ.get("DIFFUSION_DATA_ROOT"), ROOT.parent / "shared" / "data") if p]
 
 
 def write_idx(path: Path, array: torch.Tensor) -> None:
@@ -52,9 +53,10 @@ def make_fake_mnist(root: Path, folder: str = "MNIST", n_train: int = 2048, n_te
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
-    """Real MNIST when the shared folder has it, otherwise generated IDX files in the same layout."""
-    if (SHARED_DATA / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
-        return SHARED_DATA
+    """Real MNIST when one of REAL_DATA has it, otherwise generated IDX files in the same layout."""
+    for root in REAL_DATA:
+        if (root / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+            return root
     return make_fake_mnist(tmp_path_factory.mktemp("data"))
 
 
