@@ -10,7 +10,7 @@ from diffusion.checkpoint import resolve_checkpoint
 from diffusion.config import Config, build_parser, config_overrides, parse_command_line
 from diffusion.dataloader import to_uint8
 from diffusion.errors import UserError, run_cli
-from diffusion.generation import generate, load_for_sampling, sample_labels
+from diffusion.generation import generate, load_for_sampling, sample_labels, sampler_spec
 from diffusion.visuals import Animation, save_grid
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         animation = Animation(cfg.timesteps if cfg.sampler == "ddpm" else cfg.sample_steps, nrow, args.gif_x0)
     x = generate(net, cfg, n, labels, device, seed=cfg.seed, callback=animation)
     save_grid(x, output, nrow=nrow)
-    print(f"wrote {n} images from {path} ({cfg.sampler}, guidance {cfg.guidance if labels is not None else 'none'}) to {output}")
+    print(f"wrote {n} images from {path} ({sampler_spec(cfg)}, guidance {cfg.guidance if labels is not None else 'none'}) to {output}")
     if args.npy:
         np.save(args.npy, to_uint8(x).cpu().numpy().squeeze(1) if cfg.channels == 1 else
                 to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
