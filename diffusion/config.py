@@ -81,6 +81,8 @@ class Config:
     lr: float = setting(2e-3, "AdamW peak learning rate; high because the network is small", "training")
     weight_decay: float = setting(0.0, "AdamW weight decay", "training")
     warmup_steps: int = setting(200, "steps of linear learning-rate warm-up, then cosine decay to zero", "training")
+    min_snr_gamma: float = setting(0.0, "weigh each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
+                                   "2023); 0 = the paper's unweighted L_simple", "training")
     grad_clip: float = setting(1.0, "maximum gradient norm (0 = no clipping)", "training")
     ema_decay: float = setting(0.999, "decay of the weights' moving average that sampling uses, warmed up as "
                                "min(decay, (1 + n) / (10 + n))", "training")
@@ -105,6 +107,9 @@ class Config:
                          "variance", "sampling")
     guidance: float = setting(2.0, "classifier-free guidance w in eps_u + w (eps_c - eps_u); 1 = conditional "
                               "model, 0 = unconditional", "sampling")
+    guidance_interval: tuple[float, ...] = setting((0.0, math.inf), "guide only while the noise level sigma_t = "
+                                                   "sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (LO, HI]; the "
+                                                   "conditional model elsewhere (Kynkaanniemi et al. 2024)", "sampling")
     clip_x0: bool = setting(True, "clip each predicted x0 to [-1, 1] while sampling", "sampling")
     # --- where and how it runs ---
     device: str = setting("auto", "auto picks cuda, then mps, then cpu; or any torch device name", "runtime")
@@ -121,6 +126,7 @@ class Config:
     def __post_init__(self) -> None:
         self.channel_mults = tuple(self.channel_mults)
         self.attention_resolutions = tuple(self.attention_resolutions)
+        self.guidance_interval = tuple(map(float, self.guidance_interval))
         self.validate()
 
     def validate(self) -> None:
@@ -131,7 +137,7 @@ class Config:
             if not getattr(self, name) > 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("limit_train", "keep_last", "sample_every", "threads", "num_classes", "weight_decay", "minutes",
-                     "warmup_steps", "grad_clip", "guidance", "eta"):
+                     "warmup_steps", "grad_clip", "min_snr_gamma", "guidance", "eta"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
         parse_interval(self.save_every)
@@ -148,6 +154,9 @@ class Config:
             raise UserError(f"--steps {self.sample_steps} exceeds the {self.timesteps} timesteps of the diffusion")
         if not 0 <= self.p_uncond <= 1 or not 0 <= self.ema_decay < 1 or not 0 <= self.dropout < 1:
             raise UserError("--p-uncond must be in [0, 1], --ema-decay and --dropout in [0, 1)")
+        if len(self.guidance_interval) != 2 or not 0 <= self.guidance_interval[0] < self.guidance_interval[1]:
+            raise UserError(f"--guidance-interval takes two noise levels LO HI with 0 <= LO < HI, got "
+                            f"{show(self.guidance_interval)}")
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise UserError(f"--channel-mults must be positive integers, got {self.channel_mults}")
         if self.base_channels % 8:
@@ -240,7 +249,8 @@ def build_parser(command: str, description: str) -> ArgumentParser:
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
-            kwargs.update(nargs="+", type=int, metavar="N")
+            kwargs.update(nargs="+", type=type(default[0]) if default else int,
+                          metavar="X" if default and isinstance(default[0], float) else "N")
         else:
             kwargs["type"] = type(default)
         if meta["choices"]:

@@ -111,8 +111,21 @@ def p_mean_algorithm2(xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: S
     return (xt - values_at(s.beta, t, xt) / (1 - values_at(s.alpha_bar, t, xt)).sqrt() * eps) / values_at(s.alpha, t, xt).sqrt()
 
 
-def diffusion_loss(model: EpsModel, x0: torch.Tensor, s: Schedule, generator: torch.Generator | None = None):
-    """L_simple, Algorithm 1: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2, t uniform."""
+def min_snr_weights(s: Schedule, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for eps prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t with
+    SNR_t = alpha_bar_t / (1 - alpha_bar_t). Low-noise steps, whose eps is easy and whose gradients fight
+    the others', weigh less; gamma = inf gives 1 everywhere (L_simple)."""
+    snr = s.alpha_bar / (1 - s.alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
+def diffusion_loss(model: EpsModel, x0: torch.Tensor, s: Schedule, generator: torch.Generator | None = None,
+                   weights: torch.Tensor | None = None):
+    """L_simple, Algorithm 1: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2, t uniform;
+    `weights` (T,) scales each image's squared error by weights[t] (None = L_simple)."""
     t = torch.randint(0, s.T, (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
-    return F.mse_loss(model(q_sample(x0, t, eps, s), t).float(), eps)
+    eps_pred = model(q_sample(x0, t, eps, s), t).float()
+    if weights is None:
+        return F.mse_loss(eps_pred, eps)
+    return ((eps_pred - eps).square().flatten(1).mean(1) * weights[t]).mean()

@@ -14,7 +14,7 @@ from diffusion.config import Config, from_dict, resolve_device, runtime_fields
 from diffusion.diffusion_utils import schedule_from_config
 from diffusion.errors import UserError
 from diffusion.model import UNet, build_model
-from diffusion.samplers import SAMPLERS, guided, sampler_timesteps
+from diffusion.samplers import SAMPLERS, guidance_timesteps, guided, sampler_timesteps
 
 
 def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device: torch.device,
@@ -27,6 +27,7 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
     timesteps = sampler_timesteps(cfg.sampler, schedule_cpu, cfg.sample_steps)  # float64 math stays on the CPU
     schedule = schedule_cpu.to(device)
     guided_batch = labels is not None and cfg.guidance not in (0, 1)  # cond + uncond in one batch
+    guide_t = guidance_timesteps(schedule_cpu, *cfg.guidance_interval)
     precision = choose_precision(cfg, device, net, "sample", min(cfg.sample_batch, n) * (2 if guided_batch else 1),
                                  verbose=progress)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
@@ -47,7 +48,7 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
         x = torch.randn(size, cfg.channels, cfg.image_size, cfg.image_size, device=device, generator=g)
         x = x.contiguous(memory_format=memory_format)
         model = guided(net.eval(), None if labels is None else labels[start:start + size], cfg.guidance,
-                       null_label=cfg.num_classes)
+                       null_label=cfg.num_classes, guide_t=guide_t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
             x = SAMPLERS[cfg.sampler](model, x, schedule, timesteps, generator=g, callback=on_step,
                                       clip_x0=cfg.clip_x0, eta=cfg.eta)

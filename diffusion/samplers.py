@@ -148,18 +148,28 @@ def sample_dpmpp(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp}
 
 
-def guided(net: torch.nn.Module, labels: torch.Tensor | None, w: float, null_label: int) -> EpsModel:
+def guided(net: torch.nn.Module, labels: torch.Tensor | None, w: float, null_label: int,
+           guide_t: tuple[int, int] | None = None) -> EpsModel:
     """Classifier-free guidance (Ho & Salimans 2022) as a closure: eps_u + w (eps_c - eps_u).
 
     w = 1 is the conditional model, w = 0 the unconditional one. labels=None samples unconditionally.
-    Conditional and unconditional inputs go through the network as one batch.
+    Conditional and unconditional inputs go through the network as one batch. guide_t = (lo, hi) guides
+    only at lo <= t <= hi and uses the conditional model elsewhere (Kynkaanniemi et al. 2024): guidance
+    at the highest noise levels pulls every sample of a label towards one mode and costs variety.
     """
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null = torch.full((x.shape[0],), null_label, device=x.device, dtype=torch.long)
         if labels is None or w == 0:
             return net(x, t, null)
-        if w == 1:
+        if w == 1 or (guide_t is not None and not guide_t[0] <= int(t[0]) <= guide_t[1]):
             return net(x, t, labels)
         eps_c, eps_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
         return eps_u + w * (eps_c - eps_u)  # in float32 even under bf16 autocast: w amplifies rounding
     return model
+
+
+def guidance_timesteps(s: Schedule, sigma_lo: float, sigma_hi: float) -> tuple[int, int]:
+    """The t range whose noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in (sigma_lo, sigma_hi]."""
+    sigma = ((1 - s.alpha_bar) / s.alpha_bar).sqrt().cpu()
+    inside = ((sigma > sigma_lo) & (sigma <= sigma_hi)).nonzero().flatten()
+    return (int(inside[0]), int(inside[-1])) if len(inside) else (1, 0)  # (1, 0): an empty range

@@ -19,7 +19,7 @@ from diffusion.checkpoint import FORMAT, check_trained_fields, find_latest, load
 from diffusion.autotune import Precision, candidates, choose_precision
 from diffusion.config import Config, parse_interval, resolve_device
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
-from diffusion.diffusion_utils import diffusion_loss, schedule_from_config
+from diffusion.diffusion_utils import diffusion_loss, min_snr_weights, schedule_from_config
 from diffusion.errors import UserError
 from diffusion.generation import generate
 from diffusion.logger import make_logger
@@ -137,6 +137,7 @@ class TrainingRun:
             self.opt, lr_lambda_budget(cfg.warmup_steps, self) if self.budget else
             lr_lambda(cfg.warmup_steps, cfg.epochs * self.steps_per_epoch))
         self.schedule = schedule_from_config(cfg).to(self.device)
+        self.loss_weights = min_snr_weights(self.schedule, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
         self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + rank)  # t, noise, label drops
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.epoch_loss = torch.zeros((), device=self.device)
@@ -212,7 +213,7 @@ class TrainingRun:
             y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16):
             loss = diffusion_loss(lambda xt, t: self.wrapped_model(xt, t, y if cfg.num_classes else None),
-                                  x0, self.schedule, self.gen)
+                                  x0, self.schedule, self.gen, self.loss_weights)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:  # 0 means no clipping (clip_grad_norm_ would scale every gradient to zero)

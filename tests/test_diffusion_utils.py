@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffusion.diffusion_utils import (diffusion_loss, make_schedule, p_mean_algorithm2, predict_eps, predict_x0,
+from diffusion.diffusion_utils import (diffusion_loss, make_schedule, min_snr_weights, p_mean_algorithm2, predict_eps, predict_x0,
                                        q_posterior, q_sample)
 from diffusion.samplers import sample_ddpm
 
@@ -126,6 +126,28 @@ def test_loss_is_the_mse_of_the_eps_the_model_received_at_the_t_it_received(s):
     assert seen["eps"].std().item() == pytest.approx(1.0, abs=0.03), "eps must be standard normal"
     t = seen["t"]
     assert t.dtype == torch.long and t.min() == 0 and t.max() == s32.T - 1, "every t in 0..T-1 is trained"
+
+
+def test_min_snr_weighted_loss_weighs_each_image_by_min_snr_over_snr_at_its_t():
+    """The spy answers eps + 1 for every image, so each image's squared error is exactly 1 and the weighted loss is
+    the mean over the batch of min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar / (1 - alpha_bar), at the t it drew."""
+    s32 = make_schedule("linear", 1000)
+    x0 = torch.rand(512, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seen = {}
+
+    def spy(xt, t):
+        seen["t"] = t
+        return predict_eps(xt, t, x0, s32) + 1
+
+    weights = min_snr_weights(s32, 5.0)
+    loss = diffusion_loss(spy, x0, s32, torch.Generator().manual_seed(1), weights)
+    ab = s32.alpha_bar.double()[seen["t"]]
+    snr = ab / (1 - ab)
+    assert loss.item() == pytest.approx((snr.clamp(max=5) / snr).mean().item(), rel=1e-4)
+    assert weights[-1] == 1 and weights[0] < 0.01, "noisy steps keep weight 1, the cleanest weigh gamma / SNR"
+    plain = diffusion_loss(spy, x0, s32, torch.Generator().manual_seed(1))
+    assert diffusion_loss(spy, x0, s32, torch.Generator().manual_seed(1), min_snr_weights(s32, math.inf)).item() == \
+        pytest.approx(plain.item(), rel=1e-6), "gamma = inf is L_simple"
 
 
 def test_linear_betas_scale_with_T_and_keep_the_paper_at_1000():

@@ -1,10 +1,12 @@
 """Fast samplers and classifier-free guidance against closed forms and the DDPM posterior."""
+import math
+
 import pytest
 import torch
 
 from diffusion.diffusion_utils import make_schedule, predict_x0, q_posterior
 from diffusion.model import UNet
-from diffusion.samplers import (ddim_step, guided, logsnr_timesteps, sample_ddim, sample_ddpm, sample_dpmpp,
+from diffusion.samplers import (ddim_step, guidance_timesteps, guided, logsnr_timesteps, sample_ddim, sample_ddpm, sample_dpmpp,
                                 spaced_timesteps)
 from tests.test_diffusion_utils import gaussian_oracle
 
@@ -124,6 +126,26 @@ def test_guidance_weights_match_formula(net):
     assert torch.allclose(guided(net, y, 2.5, 10)(x, t), eps_u + 2.5 * (eps_c - eps_u), atol=1e-4)
     assert torch.allclose(guided(net, None, 2.5, 10)(x, t), eps_u, atol=1e-5)
     assert not torch.allclose(eps_c, eps_u, atol=1e-4), "the label must change the prediction"
+
+
+@torch.no_grad()
+def test_interval_guidance_guides_inside_the_interval_only(net):
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([3, 1, 4, 1])
+    model = guided(net, y, 2.5, 10, guide_t=(100, 500))
+    for step in (99, 100, 300, 500, 501):
+        t = torch.full((4,), step)
+        eps_c, eps_u = net(x, t, y), net(x, t, torch.full((4,), 10))
+        want = eps_u + 2.5 * (eps_c - eps_u) if 100 <= step <= 500 else eps_c
+        assert torch.allclose(model(x, t), want, atol=1e-4), step
+
+
+def test_guidance_interval_is_read_in_noise_levels():
+    s = make_schedule("linear", 1000, dtype=torch.float64)
+    sigma = ((1 - s.alpha_bar) / s.alpha_bar).sqrt()
+    lo, hi = guidance_timesteps(s, 0.3, 5.0)
+    assert sigma[lo] > 0.3 >= sigma[lo - 1] and sigma[hi] <= 5.0 < sigma[hi + 1]
+    assert guidance_timesteps(s, 0.0, math.inf) == (0, 999)
+    assert guidance_timesteps(s, 1e3, 1e4) == (1, 0), "no t in range: an empty interval"
 
 
 def test_guided_sampling_runs_on_unet_and_labels_reach_it(net):

@@ -1,0 +1,104 @@
+"""Which recipe gives the best digits for the same training time? Train each recipe with several seeds, score
+each with the scorecard, print a table of the mean and the per-seed values.
+
+    python bench/recipes.py --data-root DIR --seeds 0 1 --recipes default min-snr ema-0.995
+    python bench/recipes.py --data-root DIR --seeds 0 1 --recipes default interval eta-0   # sampling only
+
+A recipe is training flags plus sampling flags (RECIPES below). Recipes with the same training flags share
+their training runs: sampling levers are scored on the same networks. Every training lever here costs the
+same per step, so equal steps (the default two epochs) is equal wall-clock time. Trained networks are kept
+in OUT/train-<flags>-seed<S>, scores in OUT/scores.json, so a rerun only does what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPES = {  # name: (training flags, sampling flags)
+    "default": ([], []),
+    "eta-0": ([], ["--eta", "0"]),
+    "w-1": ([], ["--guidance", "1"]),
+    "w-1.5": ([], ["--guidance", "1.5"]),
+    "w-3": ([], ["--guidance", "3"]),
+    "interval": ([], ["--guidance-interval", "0", "5"]),
+    "interval-eta-0": ([], ["--guidance-interval", "0", "5", "--eta", "0"]),
+    "interval-w-3": ([], ["--guidance-interval", "0", "5", "--guidance", "3"]),
+    "interval-0.3-5": ([], ["--guidance-interval", "0.3", "5"]),
+    "interval-0-2": ([], ["--guidance-interval", "0", "2"]),
+    "min-snr": (["--min-snr-gamma", "5"], []),
+    "ema-0.995": (["--ema-decay", "0.995"], []),
+    "p-uncond-0.2": (["--p-uncond", "0.2"], []),
+    "lr-4e-3": (["--lr", "4e-3"], []),
+    "warmup-50": (["--warmup-steps", "50"], []),
+}
+
+
+def run(args: list[str]) -> str:
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return proc.stdout
+
+
+def trained(train_flags: list[str], seed: int, args) -> Path:
+    folder = Path(args.out) / ("train-" + ("_".join(f.strip("-") for f in train_flags) or "default") + f"-seed{seed}")
+    if args.default_ckpt_dir and not train_flags and seed == 0:
+        return Path(args.default_ckpt_dir)  # the default run already on disk
+    if not (folder / f"epoch_{args.epochs:03d}.pth").exists():
+        print(f"training {folder.name} ...", flush=True)
+        run(["diffusion.main", "--data-root", args.data_root, "--ckpt-dir", str(folder), "--out-dir",
+             str(folder / "outputs"), "--seed", str(seed), "--epochs", str(args.epochs), "--save-every", "0",
+             *train_flags])
+    return folder
+
+
+def score(name: str, seed: int, args, scores: dict) -> dict:
+    key = f"{name}/seed{seed}/n{args.n}"
+    if key not in scores:
+        train_flags, sample_flags = RECIPES[name]
+        folder = trained(train_flags, seed, args)
+        scores[key] = json.loads(run(["diffusion.evaluate", "--data-root", args.data_root, "--ckpt-dir", str(folder),
+                                      "--n", str(args.n), "--seed", str(seed), "--json", *sample_flags]))
+        (Path(args.out) / "scores.json").write_text(json.dumps(scores, indent=1))
+    s = scores[key]["samples"]
+    print(f"{name:16s} seed {seed}: FD {s['fd']:6.1f}  precision {s['precision']:.3f}  recall {s['recall']:.3f}",
+          flush=True)
+    return scores[key]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True, help="folder holding MNIST/raw")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="recipes to score")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training and sampling seeds")
+    parser.add_argument("--epochs", type=int, default=2, help="training length of every recipe (equal steps)")
+    parser.add_argument("--n", type=int, default=1000, help="samples scored per run")
+    parser.add_argument("--out", default="bench/results/recipes", help="trained networks and scores")
+    parser.add_argument("--default-ckpt-dir", default=None,
+                        help="use this folder as the default recipe's seed-0 run instead of training it again")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "scores.json"
+    scores = json.loads(path.read_text()) if path.exists() else {}
+    rows = []
+    for name in args.recipes:
+        per_seed = [score(name, seed, args, scores)["samples"] for seed in args.seeds]
+        mean = {k: statistics.fmean(s[k] for s in per_seed) for k in ("fd", "precision", "recall")}
+        rows.append((name, mean, per_seed))
+    floor = scores[f"{args.recipes[0]}/seed{args.seeds[0]}/n{args.n}"]["real_floor"]
+    print(f"\n| recipe | training flags | sampling flags | FD | precision | recall | per seed (FD / recall) |\n"
+          f"| --- | --- | --- | --- | --- | --- | --- |\n"
+          f"| real digits (floor) | | | {floor['fd']:.1f} | {floor['precision']:.3f} | {floor['recall']:.3f} | |")
+    for name, mean, per_seed in rows:
+        train_flags, sample_flags = RECIPES[name]
+        seeds = ", ".join(f"{s['fd']:.1f} / {s['recall']:.3f}" for s in per_seed)
+        print(f"| {name} | `{' '.join(train_flags)}` | `{' '.join(sample_flags)}` | {mean['fd']:.1f} | "
+              f"{mean['precision']:.3f} | {mean['recall']:.3f} | {seeds} |")
+
+
+if __name__ == "__main__":
+    main()
