@@ -110,6 +110,8 @@ class Config:
     guidance_interval: tuple[float, ...] = setting((0.0, math.inf), "guide only while the noise level sigma_t = "
                                                    "sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (LO, HI]; the "
                                                    "conditional model elsewhere (Kynkaanniemi et al. 2024)", "sampling")
+    resample: int = setting(3, "inpainting: how many times each step is made, re-noising in between so the "
+                            "new pixels fit the kept ones (RePaint; 1 = once)", "sampling")
     clip_x0: bool = setting(True, "clip each predicted x0 to [-1, 1] while sampling", "sampling")
     # --- where and how it runs ---
     device: str = setting("auto", "auto picks cuda, then mps, then cpu; or any torch device name", "runtime")
@@ -132,7 +134,7 @@ class Config:
     def validate(self) -> None:
         """Reject settings that make no sense, once, with one readable line."""
         positive = ("epochs", "batch_size", "timesteps", "lr", "base_channels", "num_res_blocks",
-                    "image_size", "channels", "sample_steps", "sample_batch", "log_every")
+                    "image_size", "channels", "sample_steps", "sample_batch", "log_every", "resample")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")

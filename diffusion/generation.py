@@ -12,16 +12,22 @@ from diffusion.autotune import choose_precision
 from diffusion.checkpoint import check_trained_fields, load_checkpoint, load_weights
 from diffusion.config import Config, from_dict, resolve_device, runtime_fields
 from diffusion.diffusion_utils import schedule_from_config
+from diffusion.editing import inpaint, slerp
 from diffusion.errors import UserError
+from diffusion.export import is_exported, load_exported
 from diffusion.model import UNet, build_model
 from diffusion.samplers import SAMPLERS, guidance_timesteps, guided, sampler_timesteps
 
 
 def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device: torch.device,
-             seed: int = 0, progress: bool = True, callback=None) -> torch.Tensor:
+             seed: int = 0, progress: bool = True, callback=None, x_T: torch.Tensor | None = None,
+             known: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """n images in [-1, 1] from cfg.sampler, in chunks of cfg.sample_batch; labels (n,) guide them, None
     samples unconditionally. Chunk k draws its noise from seed + k * 1_000_003, so the same command and
-    seed give the same images, and a first chunk equals a single batch of the same seed."""
+    seed give the same images, and a first chunk equals a single batch of the same seed.
+
+    x_T (n, C, H, W) replaces the starting noise. known (n, C, H, W) and keep (1 or n, 1, H, W) inpaint: the
+    pixels where keep is True stay those of known, the rest is generated (editing.inpaint, RePaint)."""
     check_guidance(cfg, labels)
     schedule_cpu = schedule_from_config(cfg)
     timesteps = sampler_timesteps(cfg.sampler, schedule_cpu, cfg.sample_steps)  # float64 math stays on the CPU
@@ -46,15 +52,30 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
         size = min(cfg.sample_batch, n - start)
         g = torch.Generator(device).manual_seed(seed + k * 1_000_003)
         x = torch.randn(size, cfg.channels, cfg.image_size, cfg.image_size, device=device, generator=g)
+        if x_T is not None:
+            x = x_T[start:start + size].to(device)
         x = x.contiguous(memory_format=memory_format)
         model = guided(net.eval(), None if labels is None else labels[start:start + size], cfg.guidance,
                        null_label=cfg.num_classes, guide_t=guide_t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
-            x = SAMPLERS[cfg.sampler](model, x, schedule, timesteps, generator=g, callback=on_step,
-                                      clip_x0=cfg.clip_x0, eta=cfg.eta)
+            if known is None:
+                x = SAMPLERS[cfg.sampler](model, x, schedule, timesteps, generator=g, callback=on_step,
+                                          clip_x0=cfg.clip_x0, eta=cfg.eta)
+            else:
+                chunk_keep = keep if len(keep) == 1 else keep[start:start + size]
+                x = inpaint(model, x, schedule, timesteps, known[start:start + size].to(device),
+                            chunk_keep.to(device), generator=g, callback=on_step, clip_x0=cfg.clip_x0,
+                            eta=cfg.eta, resample=cfg.resample)
         chunks.append(x.float())
     bar.close()
     return torch.cat(chunks)
+
+
+def interpolation_noise(cfg: Config, n: int, seed: int) -> torch.Tensor:
+    """n starting points on the great circle from the noise of seed to that of seed + 1 (drawn on the CPU)."""
+    a, b = (torch.randn(cfg.channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(s))
+            for s in (seed, seed + 1))
+    return slerp(a, b, torch.linspace(0, 1, n))
 
 
 def check_guidance(cfg: Config, labels: torch.Tensor | None) -> None:
@@ -71,7 +92,9 @@ def check_guidance(cfg: Config, labels: torch.Tensor | None) -> None:
 
 def load_for_sampling(path: Path, overrides: dict, use_ema: bool = True) -> tuple[UNet, Config, torch.device]:
     """Rebuild the U-Net from the checkpoint's config (plus command-line overrides) and load its weights."""
-    state = load_checkpoint(path)
+    if is_exported(path) and not use_ema:
+        raise UserError(f"{path} is an exported model, which holds only the EMA weights; drop --no-ema")
+    state = load_exported(path) if is_exported(path) else load_checkpoint(path)
     current = {name: getattr(Config(), name) for name in runtime_fields()}  # this version's defaults, not the run's
     cfg = dataclasses.replace(from_dict(state["config"]), **{**current, **overrides})
     check_trained_fields(state["config"], cfg, path)

@@ -57,7 +57,8 @@ def _check_steps(T: int, steps: int) -> None:
         raise ValueError(f"steps must be in [1, {T}], got {steps}")
 
 
-def _denoise(model: EpsModel, x: torch.Tensor, t: int, s: Schedule, clip_x0: bool):
+def denoise(model: EpsModel, x: torch.Tensor, t: int, s: Schedule, clip_x0: bool):
+    """The network at step t: (t as a batch tensor, eps, predicted x0), eps made consistent with a clipped x0."""
     tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     eps = model(x, tt).to(x.dtype)
     x0 = predict_x0(x, tt, eps, s)
@@ -76,7 +77,7 @@ def sample_ddpm(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[i
     if timesteps != ancestral_timesteps(s.T):
         raise ValueError("sample_ddpm steps through every t from T-1 to 0; use sample_ddim to skip steps")
     for i, t in enumerate(timesteps):
-        tt, _, x0 = _denoise(model, x, t, s, clip_x0)
+        tt, _, x0 = denoise(model, x, t, s, clip_x0)
         mean, var = q_posterior(x0, x, tt, s)  # without clipping this equals Eq. 11's mean
         if variance == "beta":  # sigma_t^2 = beta_t, the paper's other choice
             var = s.beta[t].to(x.dtype)
@@ -101,7 +102,7 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[i
     eta = 0 is deterministic, eta = 1 has DDPM's posterior variance."""
     ts = timesteps
     for i, t in enumerate(ts):
-        _, eps, x0 = _denoise(model, x, t, s, clip_x0)
+        _, eps, x0 = denoise(model, x, t, s, clip_x0)
         alpha_bar_prev = s.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(s.alpha_bar[t])
         x, sigma = ddim_step(x0, eps, s.alpha_bar[t], alpha_bar_prev, eta)
         if eta > 0 and i + 1 < len(ts):
@@ -127,7 +128,7 @@ def sample_dpmpp(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[
     lam = (alpha / sigma).log()  # lambda_t = log(alpha_t / sigma_t), half the log-SNR
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts):
-        _, _, x0 = _denoise(model, x, t, s, clip_x0)
+        _, _, x0 = denoise(model, x, t, s, clip_x0)
         if i + 1 == len(ts):  # final step to sigma = 0: the solution is the data prediction itself
             x = x0
         else:

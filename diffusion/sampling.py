@@ -1,6 +1,7 @@
 """python -m diffusion.sampling: load the last checkpoint and write a grid of new digits."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from diffusion.checkpoint import resolve_checkpoint
 from diffusion.config import Config, build_parser, config_overrides, parse_command_line
 from diffusion.dataloader import to_uint8
 from diffusion.errors import UserError, run_cli
-from diffusion.generation import generate, load_for_sampling, sample_labels, sampler_spec
+from diffusion.generation import generate, interpolation_noise, load_for_sampling, sample_labels, sampler_spec
+from diffusion.uploads import REGIONS, digit_to_model_range, mask_keep, read_png_file, region_keep
 from diffusion.visuals import Animation, save_grid
 
 
@@ -30,6 +32,16 @@ def add_sampling_args(parser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser("sampling", "Generate images with a trained DDPM.")
     add_sampling_args(parser)
+    editing = parser.add_argument_group("editing")
+    editing.add_argument("--inpaint", default=None, metavar="IMAGE",
+                         help="complete this square PNG digit (light strokes on dark, or dark on light) --num-images "
+                              "ways; --digit guides the completion (default: no label)")
+    editing.add_argument("--mask", default="bottom", metavar="MASK",
+                         help=f"with --inpaint: what to generate, a PNG of the same side (white = generate) or one of "
+                              f"{', '.join(REGIONS)} (default: %(default)s)")
+    editing.add_argument("--interpolate", action="store_true", default=False,
+                         help="a row of --num-images samples whose starting noise moves along a great circle from "
+                              "--seed's to --seed + 1's (deterministic sampler; --digit to guide, default no label)")
     output = parser.add_argument_group("output")
     output.add_argument("--output", default=None, help="PNG grid to write (default: OUT_DIR/generated_images.png)")
     output.add_argument("--npy", default=None, help="also save the samples as uint8 N x H x W (x C) to this .npy file")
@@ -42,15 +54,20 @@ def main(argv: list[str] | None = None) -> None:
     net, cfg, device = load_for_sampling(path, overrides, use_ema=not args.no_ema)
     if args.num_images < 1:
         raise UserError(f"--num-images must be positive, got {args.num_images}")
-    labels = sample_labels(cfg, args.num_images, args.digit, args.all_digits, args.unconditional, cfg.seed, device)
+    editing = edit_inputs(args, cfg, overrides)
+    if editing:
+        cfg = dataclasses.replace(cfg, **editing.pop("cfg", {}))
+        labels = sample_labels(cfg, args.num_images, args.digit, unconditional=args.digit is None, device=device)
+    else:
+        labels = sample_labels(cfg, args.num_images, args.digit, args.all_digits, args.unconditional, cfg.seed, device)
     n = len(labels) if labels is not None else args.num_images
-    nrow = args.num_images if args.all_digits else max(1, int(round(n ** 0.5)))
+    nrow = args.num_images if args.all_digits or args.interpolate else max(1, int(round(n ** 0.5)))
     output = Path(args.output or Path(cfg.out_dir) / "generated_images.png")
     check_writable(output, args.npy, args.gif)
     animation = None
     if args.gif:
         animation = Animation(cfg.timesteps if cfg.sampler == "ddpm" else cfg.sample_steps, nrow, args.gif_x0)
-    x = generate(net, cfg, n, labels, device, seed=cfg.seed, callback=animation)
+    x = generate(net, cfg, n, labels, device, seed=cfg.seed, callback=animation, **editing)
     save_grid(x, output, nrow=nrow)
     print(f"wrote {n} images from {path} ({sampler_spec(cfg)}, guidance {cfg.guidance if labels is not None else 'none'}) to {output}")
     if args.npy:
@@ -60,6 +77,28 @@ def main(argv: list[str] | None = None) -> None:
     if animation:
         animation.save(Path(args.gif))
         print(f"wrote {args.gif}")
+
+
+def edit_inputs(args, cfg: Config, overrides: dict) -> dict:
+    """generate()'s extra arguments for --inpaint or --interpolate (and the settings they change), else {}."""
+    if args.inpaint and args.interpolate:
+        raise UserError("--inpaint and --interpolate are separate tasks; give one")
+    if (args.inpaint or args.interpolate) and (args.all_digits or args.unconditional):
+        raise UserError("--inpaint and --interpolate take --digit D or no label; not --all-digits or --unconditional")
+    if args.interpolate:
+        if overrides.get("eta", 0) != 0:
+            raise UserError("--interpolate needs the deterministic sampler (eta 0): with fresh noise at every step "
+                            "neighbouring images would not be related; drop --eta")
+        print("interpolating with eta 0 (the deterministic sampler), so nearby starting noise gives nearby images")
+        return {"x_T": interpolation_noise(cfg, args.num_images, cfg.seed), "cfg": {"eta": 0.0}}
+    if args.inpaint:
+        image, inverted = digit_to_model_range(read_png_file(args.inpaint, cfg.image_size, cfg.channels, "image"))
+        if inverted:
+            print(f"{args.inpaint} has a light background: inverted to light strokes on dark, as the model was trained")
+        keep = (mask_keep(read_png_file(args.mask, cfg.image_size, cfg.channels, "mask"))
+                if args.mask.lower().endswith(".png") else region_keep(args.mask, cfg.image_size))
+        return {"known": image.expand(args.num_images, -1, -1, -1), "keep": keep}
+    return {}
 
 
 def check_writable(*paths) -> None:

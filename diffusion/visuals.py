@@ -1,8 +1,10 @@
 """Pictures: sample grids, the loss curve, and the denoising animation."""
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torchvision.utils import make_grid, save_image
@@ -10,10 +12,19 @@ from torchvision.utils import make_grid, save_image
 from diffusion.dataloader import to_uint8
 
 
-def save_grid(x: torch.Tensor, path: Path, nrow: int = 4) -> None:
-    """Save images in [-1, 1] as one grid PNG."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(x.float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2, pad_value=1)
+def save_grid(x: torch.Tensor, path: Path | BinaryIO, nrow: int = 4) -> None:
+    """Save images in [-1, 1] as one grid PNG, to a path or an open binary file."""
+    if isinstance(path, (str, Path)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(x.float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2, pad_value=1,
+               format="png")
+
+
+def grid_png(x: torch.Tensor, nrow: int = 4) -> bytes:
+    """The PNG bytes save_grid would write."""
+    buffer = io.BytesIO()
+    save_grid(x, buffer, nrow)
+    return buffer.getvalue()
 
 
 def save_loss_curve(history: list[dict], curve: list[list[float]], path: Path) -> None:
