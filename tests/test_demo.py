@@ -1,0 +1,210 @@
+"""The demo page: its server over HTTP, then the page itself in headless Chromium (selenium).
+
+The browser tests need Chromium and its driver (Debian: apt-get install chromium chromium-driver); without
+them they are skipped, except under CI=true, where a missing browser is a failure.
+"""
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import ROOT, TINY, run_cli
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is on this machine
+SAME_PRECISION = ["--amp", "none", "--memory-format", "contiguous"]  # page and command on the same kernels
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data_root, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("demo")
+    res = run_cli("diffusion.main", *TINY, "--epochs", "1", "--sample-every", "0", "--data-root", str(data_root),
+                  "--ckpt-dir", str(work / "ck"), "--out-dir", str(work / "out"))
+    assert res.returncode == 0, res.stderr
+    return work / "ck" / "epoch_001.pth"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc = subprocess.Popen([sys.executable, "-m", "diffusion.demo", "--checkpoint", str(checkpoint), "--port", "0",
+                             *SAME_PRECISION], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert " at http://127.0.0.1:" in line, line + proc.stderr.read()
+    yield line.split(" at ")[1].split()[0].rstrip("/")
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def post(url: str, body, raw: bool = False) -> tuple[int, list[dict]]:
+    data = body if raw else json.dumps(body).encode()
+    try:
+        with NO_PROXY.open(urllib.request.Request(url, data=data, method="POST"), timeout=120) as reply:
+            return reply.status, [json.loads(line) for line in reply.read().splitlines() if line.strip()]
+    except urllib.error.HTTPError as err:
+        return err.code, [json.loads(err.read())]
+
+
+def png_pixels(data_url_or_path) -> torch.Tensor:
+    if isinstance(data_url_or_path, Path):
+        image = Image.open(data_url_or_path)
+    else:
+        image = Image.open(io.BytesIO(base64.b64decode(data_url_or_path.split(",", 1)[1])))
+    return torch.from_numpy(np.array(image.convert("L")))
+
+
+def digit_png(tmp_path: Path, seed: int = 0) -> tuple[Path, torch.Tensor]:
+    """A 28 x 28 stroke-like test digit, light on dark."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.zeros(28, 28, dtype=torch.uint8)
+    image[4:24, 12:16] = 255
+    image[4:8, 8:20] = torch.randint(100, 256, (4, 12), generator=g, dtype=torch.uint8)
+    path = tmp_path / f"digit{seed}.png"
+    Image.fromarray(image.numpy()).save(path)
+    return path, image
+
+
+def test_concurrent_runs_do_not_disturb_each_other(server):
+    """Two tabs at once get exactly what each gets alone."""
+    requests = [{"task": "sample", "digit": "3", "seed": "1"}, {"task": "interpolate", "digit": "5", "seed": "2"}]
+    alone = [post(server + "/api/run", r)[1][-1]["png"] for r in requests]
+    together = [None, None]
+
+    def go(i):
+        together[i] = post(server + "/api/run", requests[i])[1][-1]["png"]
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone and alone[0] != alone[1]
+
+
+@pytest.mark.parametrize("image,message", [
+    (base64.b64encode(b"not an image").decode(), "not a PNG"),
+    ("%%%", "not valid base64"),
+    (None, "no image"),
+])
+def test_bad_uploads_get_a_message_and_the_server_keeps_serving(server, image, message):
+    status, reply = post(server + "/api/upload", {"image": image})
+    assert status == 400 and message in reply[0]["error"]
+    status, reply = post(server + "/api/run", {"task": "sample", "seed": "0", "steps": "3"})
+    assert status == 200 and reply[-1]["done"]
+
+
+def test_wrong_size_and_huge_uploads_are_refused_before_decoding(server, tmp_path):
+    wide = io.BytesIO()
+    Image.new("L", (40, 28)).save(wide, format="PNG")
+    status, reply = post(server + "/api/upload", {"image": base64.b64encode(wide.getvalue()).decode()})
+    assert status == 400 and "40 x 28" in reply[0]["error"] and "square" in reply[0]["error"]
+    status, reply = post(server + "/api/upload", b"x" * 9_000_000, raw=True)
+    assert status == 413 and "at most" in reply[0]["error"]
+    status, reply = post(server + "/api/run", {"task": "sample", "steps": "100000"})
+    assert status == 400 and "exceeds" in reply[0]["error"]
+
+
+# --- in a real browser ---
+
+def chromium_paths() -> tuple[str, str] | None:
+    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver") if not os.environ.get("CI") else __import__(
+        "selenium.webdriver", fromlist=["webdriver"])
+    paths = chromium_paths()
+    if paths is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs Chromium and chromedriver for the demo's browser tests (apt-get install chromium "
+                        "chromium-driver)")
+        pytest.skip("no Chromium/chromedriver here")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths[0]
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=paths[1]), options=options)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, server):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + "/")
+    WebDriverWait(browser, 30).until(lambda b: b.find_element("id", "steps").get_attribute("value"))
+    return WebDriverWait(browser, 120)
+
+
+def run_and_wait(browser, wait):
+    done = int(browser.find_element("id", "result").get_attribute("data-done") or 0)
+    browser.find_element("id", "run").click()
+    wait.until(lambda b: int(b.find_element("id", "result").get_attribute("data-done") or 0) > done
+               or b.find_element("id", "error").text)
+    assert not browser.find_element("id", "error").text
+    return browser.find_element("id", "result").get_attribute("src")
+
+
+def set_value(browser, element_id: str, value: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    element = browser.find_element("id", element_id)
+    if element.tag_name == "select":
+        Select(element).select_by_value(value)
+    else:
+        element.clear()
+        element.send_keys(value)
+
+
+def test_page_streams_frames_and_ends_on_the_commands_images(browser, server, checkpoint, tmp_path):
+    wait = open_page(browser, server)
+    set_value(browser, "digit", "3")
+    set_value(browser, "seed", "5")
+    result = run_and_wait(browser, wait)
+    frames = browser.execute_script("return window.demoFrames")
+    assert len(set(frames)) >= 5, "the page shows the images as the sampler makes them"
+    out = tmp_path / "cli.png"
+    res = run_cli("diffusion.sampling", "--checkpoint", str(checkpoint), "--digit", "3", "--seed", "5",
+                  "--output", str(out), *SAME_PRECISION)
+    assert res.returncode == 0, res.stderr
+    assert torch.equal(png_pixels(result), png_pixels(out))
+
+
+def test_inpainting_on_the_page_keeps_the_uploaded_pixels(browser, server, tmp_path):
+    wait = open_page(browser, server)
+    path, image = digit_png(tmp_path)
+    browser.find_element("css selector", "button[data-task=inpaint]").click()
+    browser.find_element("id", "upload").send_keys(str(path))
+    wait.until(lambda b: path.name in b.find_element("id", "upload-message").text)
+    set_value(browser, "mask", "bottom")
+    grid = png_pixels(run_and_wait(browser, wait))
+    cells = [grid[2 + 30 * r: 30 + 30 * r, 2 + 30 * c: 30 + 30 * c] for r in range(4) for c in range(4)]
+    assert all(torch.equal(cell[:14], image[:14]) for cell in cells), "the kept top half comes back unchanged"
+    assert len({cell[14:].numpy().tobytes() for cell in cells}) > 1, "the bottom halves are generated, not copied"
+
+
+def test_a_broken_upload_shows_a_message_and_the_page_keeps_working(browser, server, tmp_path):
+    wait = open_page(browser, server)
+    browser.find_element("css selector", "button[data-task=inpaint]").click()
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    browser.find_element("id", "upload").send_keys(str(broken))
+    wait.until(lambda b: "PNG" in b.find_element("id", "upload-message").text)
+    assert "error" in browser.find_element("id", "upload-message").get_attribute("class")
+    browser.find_element("css selector", "button[data-task=sample]").click()
+    set_value(browser, "steps", "3")
+    assert run_and_wait(browser, wait).startswith("data:image/png")
