@@ -21,11 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
-from torchvision.io import encode_png
 
 from diffusion.checkpoint import resolve_checkpoint
 from diffusion.config import SAMPLERS, Config
-from diffusion.dataloader import to_uint8
 from diffusion.errors import UserError, run_cli
 from diffusion.generation import generate, interpolation_noise, load_for_sampling, sample_labels
 from diffusion.uploads import REGIONS, decode_square_png, digit_to_model_range, mask_keep, region_keep
@@ -107,7 +105,7 @@ class Demo:
         """An uploaded PNG as the 28 x 28 digit the model would see (light strokes on dark)."""
         image = decode_square_png(data_url_bytes(request.get("image")), self.cfg.image_size, self.cfg.channels, "upload")
         known, inverted = digit_to_model_range(image)
-        return {"png": b64(encode_png(to_uint8(known)).numpy().tobytes()), "inverted": inverted}
+        return {"png": b64(grid_png(known[None], nrow=1)), "inverted": inverted}  # one image: saved without padding
 
 
 def b64(data: bytes) -> str:

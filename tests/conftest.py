@@ -1,15 +1,19 @@
 """Shared fixtures: real MNIST from ../shared/data when present, else a small generated stand-in."""
 from __future__ import annotations
 
+import base64
+import io
 import os
 import struct
-import tempfile
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 # the precision autotuner's cache: one per test session, shared with the commands the tests start
@@ -64,6 +68,16 @@ TINY = ["--base-channels", "8", "--channel-mults", "1", "2", "--timesteps", "50"
         "--batch-size", "64", "--sample-steps", "4", "--warmup-steps", "2", "--log-every", "2"]
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(data_root, tmp_path_factory) -> Path:
+    """A tiny one-epoch model for the tests that only need some trained checkpoint."""
+    work = tmp_path_factory.mktemp("tiny")
+    res = run_cli("diffusion.main", *TINY, "--epochs", "1", "--sample-every", "0", "--data-root", str(data_root),
+                  "--ckpt-dir", str(work / "ck"), "--out-dir", str(work / "out"))
+    assert res.returncode == 0, res.stderr
+    return work / "ck" / "epoch_001.pth"
+
+
 def run_cli(module: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """TrainingRun `python -m module args` as a user would; returns the completed process."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
@@ -84,3 +98,31 @@ def run_inprocess(capsys, module: str, *args: str) -> subprocess.CompletedProces
         code = exit_.code
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
+
+
+def png_pixels(data_url_or_path) -> torch.Tensor:
+    """A PNG file or data URL as uint8 gray pixels (H, W)."""
+    if isinstance(data_url_or_path, Path):
+        image = Image.open(data_url_or_path)
+    else:
+        image = Image.open(io.BytesIO(base64.b64decode(data_url_or_path.split(",", 1)[1])))
+    return torch.from_numpy(np.array(image.convert("L")))
+
+
+def digit_png(tmp_path: Path, seed: int = 0) -> tuple[Path, torch.Tensor]:
+    """A 28 x 28 stroke-like test digit, light on dark."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.zeros(28, 28, dtype=torch.uint8)
+    image[4:24, 12:16] = 255
+    image[4:8, 8:20] = torch.randint(100, 256, (4, 12), generator=g, dtype=torch.uint8)
+    path = tmp_path / f"digit{seed}.png"
+    Image.fromarray(image.numpy()).save(path)
+    return path, image
+
+
+def grid_cells(grid: torch.Tensor, n: int, nrow: int, side: int = 28) -> list[torch.Tensor]:
+    """The n images of a save_grid PNG (padding 2; a single image is saved without any)."""
+    if n == 1:
+        return [grid]
+    return [grid[2 + (side + 2) * (i // nrow): 2 + (side + 2) * (i // nrow) + side,
+                 2 + (side + 2) * (i % nrow): 2 + (side + 2) * (i % nrow) + side] for i in range(n)]

@@ -13,31 +13,20 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, digit_png, grid_cells, png_pixels, run_cli
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is on this machine
 SAME_PRECISION = ["--amp", "none", "--memory-format", "contiguous"]  # page and command on the same kernels
 
 
 @pytest.fixture(scope="module")
-def checkpoint(data_root, tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("demo")
-    res = run_cli("diffusion.main", *TINY, "--epochs", "1", "--sample-every", "0", "--data-root", str(data_root),
-                  "--ckpt-dir", str(work / "ck"), "--out-dir", str(work / "out"))
-    assert res.returncode == 0, res.stderr
-    return work / "ck" / "epoch_001.pth"
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint):
-    proc = subprocess.Popen([sys.executable, "-m", "diffusion.demo", "--checkpoint", str(checkpoint), "--port", "0",
+def server(tiny_checkpoint):
+    proc = subprocess.Popen([sys.executable, "-m", "diffusion.demo", "--checkpoint", str(tiny_checkpoint), "--port", "0",
                              *SAME_PRECISION], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert " at http://127.0.0.1:" in line, line + proc.stderr.read()
@@ -53,25 +42,6 @@ def post(url: str, body, raw: bool = False) -> tuple[int, list[dict]]:
             return reply.status, [json.loads(line) for line in reply.read().splitlines() if line.strip()]
     except urllib.error.HTTPError as err:
         return err.code, [json.loads(err.read())]
-
-
-def png_pixels(data_url_or_path) -> torch.Tensor:
-    if isinstance(data_url_or_path, Path):
-        image = Image.open(data_url_or_path)
-    else:
-        image = Image.open(io.BytesIO(base64.b64decode(data_url_or_path.split(",", 1)[1])))
-    return torch.from_numpy(np.array(image.convert("L")))
-
-
-def digit_png(tmp_path: Path, seed: int = 0) -> tuple[Path, torch.Tensor]:
-    """A 28 x 28 stroke-like test digit, light on dark."""
-    g = torch.Generator().manual_seed(seed)
-    image = torch.zeros(28, 28, dtype=torch.uint8)
-    image[4:24, 12:16] = 255
-    image[4:8, 8:20] = torch.randint(100, 256, (4, 12), generator=g, dtype=torch.uint8)
-    path = tmp_path / f"digit{seed}.png"
-    Image.fromarray(image.numpy()).save(path)
-    return path, image
 
 
 def test_concurrent_runs_do_not_disturb_each_other(server):
@@ -170,7 +140,7 @@ def set_value(browser, element_id: str, value: str) -> None:
         element.send_keys(value)
 
 
-def test_page_streams_frames_and_ends_on_the_commands_images(browser, server, checkpoint, tmp_path):
+def test_page_streams_frames_and_ends_on_the_commands_images(browser, server, tiny_checkpoint, tmp_path):
     wait = open_page(browser, server)
     set_value(browser, "digit", "3")
     set_value(browser, "seed", "5")
@@ -178,7 +148,7 @@ def test_page_streams_frames_and_ends_on_the_commands_images(browser, server, ch
     frames = browser.execute_script("return window.demoFrames")
     assert len(set(frames)) >= 5, "the page shows the images as the sampler makes them"
     out = tmp_path / "cli.png"
-    res = run_cli("diffusion.sampling", "--checkpoint", str(checkpoint), "--digit", "3", "--seed", "5",
+    res = run_cli("diffusion.sampling", "--checkpoint", str(tiny_checkpoint), "--digit", "3", "--seed", "5",
                   "--output", str(out), *SAME_PRECISION)
     assert res.returncode == 0, res.stderr
     assert torch.equal(png_pixels(result), png_pixels(out))
@@ -192,7 +162,7 @@ def test_inpainting_on_the_page_keeps_the_uploaded_pixels(browser, server, tmp_p
     wait.until(lambda b: path.name in b.find_element("id", "upload-message").text)
     set_value(browser, "mask", "bottom")
     grid = png_pixels(run_and_wait(browser, wait))
-    cells = [grid[2 + 30 * r: 30 + 30 * r, 2 + 30 * c: 30 + 30 * c] for r in range(4) for c in range(4)]
+    cells = grid_cells(grid, 16, 4)
     assert all(torch.equal(cell[:14], image[:14]) for cell in cells), "the kept top half comes back unchanged"
     assert len({cell[14:].numpy().tobytes() for cell in cells}) > 1, "the bottom halves are generated, not copied"
 

@@ -3,11 +3,13 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 from diffusion.diffusion_utils import make_schedule
 from diffusion.editing import inpaint, slerp
 from diffusion.model import UNet
 from diffusion.samplers import logsnr_timesteps, sample_ddim
+from tests.conftest import digit_png, grid_cells, png_pixels, run_cli, run_inprocess
 
 S = make_schedule("linear", 100)
 
@@ -82,3 +84,66 @@ def test_slerp_ends_at_its_endpoints_and_stays_on_the_sphere():
     assert torch.allclose(path.flatten(1).norm(dim=1), a.norm().expand(7), rtol=1e-5)
     e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert torch.allclose(slerp(e1, e2, torch.tensor([0.5]))[0], torch.tensor([1.0, 1.0]) / math.sqrt(2))
+
+
+# --- through python -m diffusion.sampling ---
+
+def test_inpaint_command_keeps_the_top_half_and_generates_the_bottom(tiny_checkpoint, tmp_path):
+    path, image = digit_png(tmp_path)
+    out = tmp_path / "filled.png"
+    res = run_cli("diffusion.sampling", "--checkpoint", str(tiny_checkpoint), "--inpaint", str(path), "--mask",
+                  "bottom", "--num-images", "4", "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    cells = grid_cells(png_pixels(out), 4, 2)
+    assert all(torch.equal(cell[:14], image[:14]) for cell in cells)
+    assert len({cell[14:].numpy().tobytes() for cell in cells}) == 4
+
+
+def test_inpaint_command_reads_a_mask_png_and_inverts_dark_on_light(tiny_checkpoint, tmp_path):
+    path, image = digit_png(tmp_path)
+    Image.fromarray(255 - image.numpy()).save(tmp_path / "paper.png")  # dark ink on white paper
+    mask = torch.zeros(28, 28, dtype=torch.uint8)
+    mask[:, 14:] = 255  # white = generate: the right half
+    Image.fromarray(mask.numpy()).resize((280, 280), Image.NEAREST).save(tmp_path / "mask.png")  # any square side
+    out = tmp_path / "filled.png"
+    res = run_cli("diffusion.sampling", "--checkpoint", str(tiny_checkpoint), "--inpaint", str(tmp_path / "paper.png"),
+                  "--mask", str(tmp_path / "mask.png"), "--num-images", "1", "--digit", "4", "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "inverted" in res.stdout
+    cell = png_pixels(out)
+    assert torch.equal(cell[:, :14], image[:, :14])
+
+
+def test_interpolation_row_starts_and_ends_at_its_two_seeds(tiny_checkpoint, tmp_path):
+    common = ["--checkpoint", str(tiny_checkpoint), "--digit", "2", *["--amp", "none", "--memory-format", "contiguous"]]
+    res = run_cli("diffusion.sampling", *common, "--interpolate", "--num-images", "5", "--seed", "7",
+                  "--output", str(tmp_path / "row.png"))
+    assert res.returncode == 0, res.stderr
+    cells = [c.float() for c in grid_cells(png_pixels(tmp_path / "row.png"), 5, 5)]
+    for seed, cell in ((7, cells[0]), (8, cells[-1])):
+        res = run_cli("diffusion.sampling", *common, "--eta", "0", "--num-images", "1", "--seed", str(seed),
+                      "--output", str(tmp_path / f"s{seed}.png"))
+        assert res.returncode == 0, res.stderr
+        alone = png_pixels(tmp_path / f"s{seed}.png").float()
+        assert (cell - alone).abs().mean() < 0.5, "an end of the row is that seed's own sample"
+    assert (cells[0] - cells[-1]).abs().mean() > 5, "the two seeds differ"
+    steps = [(a - b).abs().mean() for a, b in zip(cells, cells[1:])]
+    assert max(steps) < (cells[0] - cells[-1]).abs().mean(), "neighbours are closer than the ends"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--inpaint", "{missing}"], "cannot read the image"),
+    (["--inpaint", "{digit}", "--mask", "middle"], "--mask must be a PNG file or one of"),
+    (["--inpaint", "{digit}", "--interpolate"], "separate tasks"),
+    (["--interpolate", "--eta", "1"], "deterministic sampler"),
+    (["--inpaint", "{digit}", "--all-digits"], "not --all-digits"),
+    (["--inpaint", "{wide}"], "must be square"),
+])
+def test_bad_editing_flags_are_one_line(tiny_checkpoint, tmp_path, capsys, flags, message):
+    path, _ = digit_png(tmp_path)
+    Image.new("L", (40, 28)).save(tmp_path / "wide.png")
+    names = {"missing": str(tmp_path / "nope.png"), "digit": str(path), "wide": str(tmp_path / "wide.png")}
+    res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(tiny_checkpoint),
+                        *[f.format(**names) for f in flags], "--output", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
