@@ -178,3 +178,28 @@ def test_a_broken_upload_shows_a_message_and_the_page_keeps_working(browser, ser
     browser.find_element("css selector", "button[data-task=sample]").click()
     set_value(browser, "steps", "3")
     assert run_and_wait(browser, wait).startswith("data:image/png")
+
+
+def test_a_drawn_digit_with_marked_pixels_comes_back_with_the_rest_unchanged(browser, server):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    wait = open_page(browser, server)
+    browser.find_element("css selector", "button[data-task=inpaint]").click()
+    pad = browser.find_element("id", "pad-box")
+    browser.find_element("id", "clear").click()
+    ActionChains(browser).move_to_element_with_offset(pad, -40, -80).click_and_hold().move_by_offset(60, 20) \
+        .move_by_offset(0, 140).release().perform()  # a 7-like stroke
+    browser.find_element("id", "tool-erase").click()
+    ActionChains(browser).move_to_element_with_offset(pad, -100, 40).click_and_hold().move_by_offset(200, 0) \
+        .move_by_offset(0, 40).move_by_offset(-200, 0).release().perform()  # mark a band across the bottom
+    assert browser.find_element("id", "mask").get_attribute("value") == "painted"
+    drawn = browser.execute_script(
+        "const p = document.getElementById('pad').getContext('2d').getImageData(0, 0, 28, 28).data;"
+        "const m = document.getElementById('maskpad').getContext('2d').getImageData(0, 0, 28, 28).data;"
+        "return [Array.from({length: 784}, (_, i) => p[4 * i]), Array.from({length: 784}, (_, i) => m[4 * i + 3] > 0)];")
+    image = torch.tensor(drawn[0], dtype=torch.uint8).view(28, 28)
+    keep = torch.tensor(drawn[1]).view(28, 28).logical_not()
+    assert image.max() == 255 and 0.5 < keep.float().mean() < 0.95, "a stroke was drawn and a band marked"
+    cells = grid_cells(png_pixels(run_and_wait(browser, wait)), 16, 4)
+    assert all(torch.equal(cell[keep], image[keep]) for cell in cells)
+    assert any(not torch.equal(cell[~keep], image[~keep]) for cell in cells), "the marked band is generated"
