@@ -74,6 +74,9 @@ def test_unknown_flag_is_usage_error():
     (["--schedule", "cosine"], "--schedule is fixed by training"), (["--beta-end=0.03"], "--beta-end is fixed"),
     (["--lr", "1e-3"], "--lr is a training setting"), (["--no-compile"], "--no-compile is a training setting"),
     (["--steps", "51"], "exceeds the 50 timesteps"), (["--sample-batch", "0"], "--sample-batch must be positive"),
+    (["--guidance-interval", "5", "1"], "0 <= LO < HI"), (["--guidance-interval", "1"], "two noise levels"),
+    (["--guidance-interval", "1", "x"], "invalid float value"), (["--resample", "0"], "--resample must be positive"),
+    (["--min-snr-gamma", "5"], "--min-snr-gamma is a training setting"),
 ])
 def test_bad_sampling_flags(ckpt, tmp_path, flags, needle, capsys):
     res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(ckpt), "--output", str(tmp_path / "x.png"), *flags)

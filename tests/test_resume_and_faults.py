@@ -229,6 +229,17 @@ def test_grad_clip_zero_means_no_clipping(data_root, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(off, start)), "the weights must move"
 
 
+def test_min_snr_gamma_weighs_the_training_loss(data_root, tmp_path):
+    """The same first step (same t, same noise, same weights) with and without Min-SNR: the weighted loss is
+    the plain one with each image's error scaled by min(SNR_t, gamma) / SNR_t <= 1, so it must be smaller."""
+    def first_loss(*flags):
+        run = train_module.TrainingRun(tiny_cfg(data_root, tmp_path, *flags))
+        return run.train_step(run.images[:64].float() / 127.5 - 1, run.labels[:64]).item()
+
+    plain, weighted = first_loss(), first_loss("--min-snr-gamma", "1")
+    assert weighted < 0.9 * plain
+
+
 def test_keep_last_prunes_old_epoch_checkpoints(data_root, tmp_path):
     train(tiny_cfg(data_root, tmp_path, "--epochs", "4", "--keep-last", "2"))
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["epoch_003.pth", "epoch_004.pth"]
