@@ -70,7 +70,9 @@ class Demo:
         labels = sample_labels(cfg, GRID, digit, unconditional=digit is None, device=self.device)
         if task == "interpolate":
             labels = None if labels is None else labels[:ROW]
-            return ROW, labels, {"x_T": interpolation_noise(cfg, ROW, cfg.seed)}, ROW
+            end = request.get("end_seed")
+            end = None if end in (None, "") else int(end)
+            return ROW, labels, {"x_T": interpolation_noise(cfg, ROW, cfg.seed, end)}, ROW
         if task == "inpaint":
             image = decode_square_png(data_url_bytes(request.get("image")), cfg.image_size, cfg.channels, "image")
             known, _ = digit_to_model_range(image)

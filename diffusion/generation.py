@@ -71,10 +71,11 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
     return torch.cat(chunks)
 
 
-def interpolation_noise(cfg: Config, n: int, seed: int) -> torch.Tensor:
-    """n starting points on the great circle from the noise of seed to that of seed + 1 (drawn on the CPU)."""
+def interpolation_noise(cfg: Config, n: int, seed: int, end_seed: int | None = None) -> torch.Tensor:
+    """n starting points on the great circle from the noise of seed to that of end_seed (default seed + 1),
+    drawn on the CPU."""
     a, b = (torch.randn(cfg.channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(s))
-            for s in (seed, seed + 1))
+            for s in (seed, seed + 1 if end_seed is None else end_seed))
     return slerp(a, b, torch.linspace(0, 1, n))
 
 

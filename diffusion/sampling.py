@@ -39,9 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     editing.add_argument("--mask", default="bottom", metavar="MASK",
                          help=f"with --inpaint: what to generate, a PNG of the same side (white = generate) or one of "
                               f"{', '.join(REGIONS)} (default: %(default)s)")
-    editing.add_argument("--interpolate", action="store_true", default=False,
+    editing.add_argument("--interpolate", nargs="?", type=int, const=-1, default=None, metavar="END_SEED",
                          help="a row of --num-images samples whose starting noise moves along a great circle from "
-                              "--seed's to --seed + 1's (deterministic sampler; --digit to guide, default no label)")
+                              "--seed's to END_SEED's (default --seed + 1); deterministic sampler; --digit to guide "
+                              "(default no label)")
     output = parser.add_argument_group("output")
     output.add_argument("--output", default=None, help="PNG grid to write (default: OUT_DIR/generated_images.png)")
     output.add_argument("--npy", default=None, help="also save the samples as uint8 N x H x W (x C) to this .npy file")
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         labels = sample_labels(cfg, args.num_images, args.digit, args.all_digits, args.unconditional, cfg.seed, device)
     n = len(labels) if labels is not None else args.num_images
-    nrow = args.num_images if args.all_digits or args.interpolate else max(1, int(round(n ** 0.5)))
+    nrow = args.num_images if args.all_digits or args.interpolate is not None else max(1, int(round(n ** 0.5)))
     output = Path(args.output or Path(cfg.out_dir) / "generated_images.png")
     check_writable(output, args.npy, args.gif)
     animation = None
@@ -81,16 +82,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def edit_inputs(args, cfg: Config, overrides: dict) -> dict:
     """generate()'s extra arguments for --inpaint or --interpolate (and the settings they change), else {}."""
-    if args.inpaint and args.interpolate:
+    interpolate = args.interpolate is not None
+    if args.inpaint and interpolate:
         raise UserError("--inpaint and --interpolate are separate tasks; give one")
-    if (args.inpaint or args.interpolate) and (args.all_digits or args.unconditional):
+    if (args.inpaint or interpolate) and (args.all_digits or args.unconditional):
         raise UserError("--inpaint and --interpolate take --digit D or no label; not --all-digits or --unconditional")
-    if args.interpolate:
+    if interpolate:
         if overrides.get("eta", 0) != 0:
             raise UserError("--interpolate needs the deterministic sampler (eta 0): with fresh noise at every step "
                             "neighbouring images would not be related; drop --eta")
         print("interpolating with eta 0 (the deterministic sampler), so nearby starting noise gives nearby images")
-        return {"x_T": interpolation_noise(cfg, args.num_images, cfg.seed), "cfg": {"eta": 0.0}}
+        end = None if args.interpolate < 0 else args.interpolate
+        return {"x_T": interpolation_noise(cfg, args.num_images, cfg.seed, end), "cfg": {"eta": 0.0}}
     if args.inpaint:
         image, inverted = digit_to_model_range(read_png_file(args.inpaint, cfg.image_size, cfg.channels, "image"))
         if inverted:
