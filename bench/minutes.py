@@ -4,7 +4,8 @@ final model with the scorecard at one N, and plot FD and recall against minutes 
     python bench/minutes.py --data-root DIR --minutes 2 5 10
 
 Each budget is a separate `python -m diffusion.main --minutes M` run (its own checkpoint folder under
---out), then `python -m diffusion.evaluate --json`. Results go to OUT/minutes.json and the plot to
+--out; a budget whose final.pth is already there is not trained again), then `python -m diffusion.evaluate
+--json` with the current sampling defaults. Results go to OUT/minutes.json and the plot to
 OUT/minutes.png (or --plot). Needs the scorecard's classifier (`python -m diffusion.classifier`).
 """
 from __future__ import annotations
@@ -27,8 +28,9 @@ def run(args: list[str]) -> str:
 
 def train_and_score(minutes: float, args) -> dict:
     folder = Path(args.out) / f"{minutes:g}min"
-    run(["diffusion.main", "--data-root", args.data_root, "--minutes", str(minutes), "--ckpt-dir", str(folder),
-         "--out-dir", str(folder / "outputs"), *args.train_args])
+    if not (folder / "final.pth").exists():  # a budget already trained is only scored again
+        run(["diffusion.main", "--data-root", args.data_root, "--minutes", str(minutes), "--ckpt-dir", str(folder),
+             "--out-dir", str(folder / "outputs"), *args.train_args])
     scores = json.loads(run(["diffusion.evaluate", "--data-root", args.data_root, "--ckpt-dir", str(folder),
                              "--n", str(args.n), "--json"]))
     row = {"minutes": minutes, "steps": load_checkpoint(folder / "final.pth")["step"], **scores}

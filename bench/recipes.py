@@ -18,20 +18,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECIPES = {  # name: (training flags, sampling flags)
+RECIPES = {  # name: (training flags, sampling flags); the default samples dpmpp-10, eta 1, w 2 at sigma <= 2
     "default": ([], []),
-    "eta-0": ([], ["--eta", "0"]),
-    "w-1": ([], ["--guidance", "1"]),
-    "w-1.5": ([], ["--guidance", "1.5"]),
-    "w-3": ([], ["--guidance", "3"]),
+    "no-interval": ([], ["--guidance-interval", "0", "inf"]),  # guidance at every noise level: the earlier default
+    "no-interval-eta-0": ([], ["--guidance-interval", "0", "inf", "--eta", "0"]),
+    "no-interval-w-1.25": ([], ["--guidance-interval", "0", "inf", "--guidance", "1.25"]),
+    "no-interval-w-1.5": ([], ["--guidance-interval", "0", "inf", "--guidance", "1.5"]),
+    "w-1": ([], ["--guidance", "1"]),  # the conditional model, no guidance
+    "w-1-eta-0": ([], ["--guidance", "1", "--eta", "0"]),
     "interval": ([], ["--guidance-interval", "0", "5"]),
     "interval-eta-0": ([], ["--guidance-interval", "0", "5", "--eta", "0"]),
     "interval-w-3": ([], ["--guidance-interval", "0", "5", "--guidance", "3"]),
     "interval-0.3-5": ([], ["--guidance-interval", "0.3", "5"]),
     "interval-0-2": ([], ["--guidance-interval", "0", "2"]),
+    "interval-0-1": ([], ["--guidance-interval", "0", "1"]),
+    "interval-0-2-w-3": ([], ["--guidance-interval", "0", "2", "--guidance", "3"]),
+    "interval-0-1-w-3": ([], ["--guidance-interval", "0", "1", "--guidance", "3"]),
+    "unconditional": ([], ["--unconditional"]),
+    "unconditional-eta-0": ([], ["--unconditional", "--eta", "0"]),
     "min-snr": (["--min-snr-gamma", "5"], []),
     "ema-0.995": (["--ema-decay", "0.995"], []),
     "p-uncond-0.2": (["--p-uncond", "0.2"], []),
+    "p-uncond-0.2-unconditional": (["--p-uncond", "0.2"], ["--unconditional"]),
     "lr-4e-3": (["--lr", "4e-3"], []),
     "warmup-50": (["--warmup-steps", "50"], []),
 }
