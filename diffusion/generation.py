@@ -84,8 +84,8 @@ def check_guidance(cfg: Config, labels: torch.Tensor | None) -> None:
     if not cfg.num_classes or cfg.p_uncond > 0:
         return
     if labels is None:
-        raise UserError("this model was trained with --p-uncond 0, so it has no unconditional mode; "
-                        "drop --unconditional")
+        raise UserError("this model was trained with --p-uncond 0, so it has no unconditional mode: drop "
+                        "--unconditional, and give --inpaint or --interpolate a --digit")
     if cfg.guidance != 1:
         raise UserError(f"this model was trained with --p-uncond 0, so it has no unconditional eps to guide with; "
                         f"pass --guidance 1 (got {cfg.guidance})")
