@@ -44,6 +44,25 @@ def test_every_sampler_loop_runs_without_float64():
         assert torch.isfinite(out).all(), name
 
 
+def test_inpainting_and_interpolated_noise_run_without_float64():
+    from diffusion.config import Config
+    from diffusion.editing import inpaint
+    from diffusion.generation import interpolation_noise
+
+    torch.manual_seed(0)
+    net = UNet(base_channels=8, channel_mults=(1, 2), num_classes=10).eval()
+    schedule = make_schedule("linear", 50)
+    timesteps = sampler_timesteps("dpmpp", schedule, 5)
+    x_T = interpolation_noise(Config(timesteps=50), 2, seed=0)  # slerp's float64 stays on the CPU, before sampling
+    keep = torch.zeros(1, 1, 28, 28, dtype=torch.bool)
+    keep[..., :14, :] = True
+    model = guided(net, torch.tensor([1, 7]), 2.0, 10, guide_t=(0, 20))
+    with NoFloat64():
+        out = inpaint(model, x_T.float(), schedule, timesteps, torch.zeros(2, 1, 28, 28), keep,
+                      generator=torch.Generator().manual_seed(0), resample=2)
+    assert x_T.dtype == torch.float32 and torch.isfinite(out).all()
+
+
 def test_training_step_runs_without_float64(data_root, tmp_path):
     run = TrainingRun(tiny_cfg(data_root, tmp_path))
     x0, y = run.images[:16].float() / 127.5 - 1, run.labels[:16]
