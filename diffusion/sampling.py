@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     editing.add_argument("--mask", default="bottom", metavar="MASK",
                          help=f"with --inpaint: what to generate, a PNG of the same side (white = generate) or one of "
                               f"{', '.join(REGIONS)} (default: %(default)s)")
-    editing.add_argument("--interpolate", nargs="?", type=int, const=-1, default=None, metavar="END_SEED",
+    editing.add_argument("--interpolate", nargs="?", type=int, const=True, default=None, metavar="END_SEED",
                          help="a row of --num-images samples whose starting noise moves along a great circle from "
                               "--seed's to END_SEED's (default --seed + 1); deterministic sampler; --digit to guide "
                               "(default no label)")
@@ -92,7 +92,7 @@ def edit_inputs(args, cfg: Config, overrides: dict) -> dict:
             raise UserError("--interpolate needs the deterministic sampler (eta 0): with fresh noise at every step "
                             "neighbouring images would not be related; drop --eta")
         print("interpolating with eta 0 (the deterministic sampler), so nearby starting noise gives nearby images")
-        end = None if args.interpolate < 0 else args.interpolate
+        end = None if args.interpolate is True else args.interpolate  # bare --interpolate: seed + 1
         return {"x_T": interpolation_noise(cfg, args.num_images, cfg.seed, end), "cfg": {"eta": 0.0}}
     if args.inpaint:
         image, inverted = digit_to_model_range(read_png_file(args.inpaint, cfg.image_size, cfg.channels, "image"))
