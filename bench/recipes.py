@@ -42,6 +42,10 @@ RECIPES = {  # name: (training flags, sampling flags); the default samples dpmpp
     "p-uncond-0.2-unconditional": (["--p-uncond", "0.2"], ["--unconditional"]),
     "lr-4e-3": (["--lr", "4e-3"], []),
     "warmup-50": (["--warmup-steps", "50"], []),
+    "ema-0.98": (["--ema-decay", "0.98"], []),  # acts after ~440 steps, where the warm-up passes 0.98
+    "batch-64": (["--batch-size", "64"], []),  # twice the steps for the same images (and about the same time)
+    "batch-64-unconditional": (["--batch-size", "64"], ["--unconditional"]),
+    "batch-64-w-1": (["--batch-size", "64"], ["--guidance", "1"]),
 }
 
 

@@ -33,6 +33,7 @@ OURS = {  # name: Config overrides
 }
 ANCHORS = ("diffusers UNet2DModel (32,64,64), no attention, 32x32",
            "lucidrains Unet(dim=32, dim_mults=(1,2,4)), 28x28")
+BF16 = ", bf16 autocast"  # an anchor name with this suffix runs its step under bf16 autocast, as ours can
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -122,7 +123,9 @@ def anchor(name: str, args) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name.endswith(BF16)):
+            value = loss()
+        value.backward()
         opt.step()
     flops = forward_flops(fwd, args.batch)
     return {"params": sum(p.numel() for p in model.parameters()), "fwd_flops": flops,
@@ -131,6 +134,8 @@ def anchor(name: str, args) -> dict:
 
 def measure_one(name: str, args) -> dict:
     result = ours(name, args) if name in OURS else anchor(name, args)
+    if name.endswith(BF16):
+        result["precision"] = "bf16 autocast"
     result["name"] = name
     result["images_per_s"] = args.batch / result["step_s"]
     result["achieved_gflops"] = 3 * result["fwd_flops"] * result["images_per_s"] / 1e9  # backward ~ 2x forward
@@ -144,6 +149,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=15, help="timed training steps per configuration")
     parser.add_argument("--anchors", action="store_true", help="also measure diffusers and lucidrains")
+    parser.add_argument("--anchors-bf16", action="store_true",
+                        help="also measure the anchors under bf16 autocast (their libraries' default is fp32)")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write all results to this file")
     args = parser.parse_args()
@@ -154,7 +161,7 @@ def main() -> None:
         print(json.dumps(measure_one(args.only, args)))
         return
     peak = matmul_peak()
-    names = list(OURS) + (list(ANCHORS) if args.anchors else [])
+    names = list(OURS) + (list(ANCHORS) if args.anchors else []) + ([a + BF16 for a in ANCHORS] if args.anchors_bf16 else [])
     results = []
     for name in names:
         cmd = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--steps", str(args.steps),
