@@ -3,6 +3,7 @@ and seconds to sample 16 digits. Not a test: run it on an idle machine.
 
     python bench/speed.py --data-root ../shared/data             # this project's configurations
     pip install -e ".[bench]" && python bench/speed.py --anchors  # plus diffusers and lucidrains' U-Nets
+    python bench/speed.py --anchors --anchors-bf16                 # ... and the same under bf16 autocast
 
 Each configuration runs in its own process so that peak memory (max RSS) is its own.
 """
