@@ -43,6 +43,8 @@ RECIPES = {  # name: (training flags, sampling flags); the default samples dpmpp
     "lr-4e-3": (["--lr", "4e-3"], []),
     "warmup-50": (["--warmup-steps", "50"], []),
     "interval-0.05-2": ([], ["--guidance-interval", "0.05", "2"]),  # skip guiding the last two, nearly clean steps
+    "interval-0.15-2": ([], ["--guidance-interval", "0.15", "2"]),
+    "interval-0.5-2": ([], ["--guidance-interval", "0.5", "2"]),
     "steps-15": ([], ["--steps", "15"]),  # more solver steps: 1.5x the sampling time
     "steps-20": ([], ["--steps", "20"]),
     "ema-0.98": (["--ema-decay", "0.98"], []),  # acts after ~440 steps, where the warm-up passes 0.98

@@ -107,10 +107,11 @@ class Config:
                          "variance", "sampling")
     guidance: float = setting(2.0, "classifier-free guidance w in eps_u + w (eps_c - eps_u); 1 = conditional "
                               "model, 0 = unconditional", "sampling")
-    guidance_interval: tuple[float, ...] = setting((0.0, 2.0), "guide only while the noise level sigma_t = "
+    guidance_interval: tuple[float, ...] = setting((0.15, 2.0), "guide only while the noise level sigma_t = "
                                                    "sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (LO, HI], the "
                                                    "conditional model elsewhere (Kynkaanniemi et al. 2024); guiding "
-                                                   "the noisier steps too (0 inf) costs variety", "sampling")
+                                                   "the noisier steps too (0 inf) costs variety, guiding the nearly "
+                                                   "clean ones below 0.15 only costs time", "sampling")
     resample: int = setting(3, "inpainting: how many times each step is made, re-noising in between so the "
                             "new pixels fit the kept ones (RePaint; 1 = once)", "sampling")
     clip_x0: bool = setting(True, "clip each predicted x0 to [-1, 1] while sampling", "sampling")
