@@ -5,7 +5,8 @@ final model with the scorecard at one N, and plot FD and recall against minutes 
 
 Each budget is a separate `python -m diffusion.main --minutes M` run (its own checkpoint folder under
 --out; a budget whose final.pth is already there is not trained again), then `python -m diffusion.evaluate
---json` with the current sampling defaults. Results go to OUT/minutes.json and the plot to
+--json` with the current sampling defaults (a score is kept in the budget's score.json and reused while
+the network and those defaults are unchanged). Results go to OUT/minutes.json and the plot to
 OUT/minutes.png (or --plot). Needs the scorecard's classifier (`python -m diffusion.classifier`).
 """
 from __future__ import annotations
@@ -31,12 +32,28 @@ def train_and_score(minutes: float, args) -> dict:
     if not (folder / "final.pth").exists():  # a budget already trained is only scored again
         run(["diffusion.main", "--data-root", args.data_root, "--minutes", str(minutes), "--ckpt-dir", str(folder),
              "--out-dir", str(folder / "outputs"), *args.train_args])
-    scores = json.loads(run(["diffusion.evaluate", "--data-root", args.data_root, "--ckpt-dir", str(folder),
-                             "--n", str(args.n), "--json"]))
+    cache = folder / "score.json"  # reused while the network and the sampling defaults it was scored with hold
+    key = {"n": args.n, "sampling": sampling_defaults(), "trained": (folder / "final.pth").stat().st_mtime}
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if cached.get("key") == key:
+        scores = cached["scores"]
+    else:
+        scores = json.loads(run(["diffusion.evaluate", "--data-root", args.data_root, "--ckpt-dir", str(folder),
+                                 "--n", str(args.n), "--json"]))
+        cache.write_text(json.dumps({"key": key, "scores": scores}))
     row = {"minutes": minutes, "steps": load_checkpoint(folder / "final.pth")["step"], **scores}
     print(f"{minutes:g} min, {row['steps']} steps: FD {row['samples']['fd']:.1f} (floor {row['real_floor']['fd']:.1f}), "
           f"precision {row['samples']['precision']:.3f}, recall {row['samples']['recall']:.3f}", flush=True)
     return row
+
+
+def sampling_defaults() -> dict:
+    """The sampling settings evaluate uses when given none: a score is only reused while these hold."""
+    import dataclasses
+
+    from diffusion.config import Config
+
+    return {f.name: str(getattr(Config(), f.name)) for f in dataclasses.fields(Config) if f.metadata["group"] == "sampling"}
 
 
 def plot(rows: list[dict], path: Path) -> None:

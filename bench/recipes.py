@@ -18,7 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECIPES = {  # name: (training flags, sampling flags); the default samples dpmpp-10, eta 1, w 2 at sigma <= 2
+OLD = ["--guidance-interval", "0", "2"]  # the default interval when the training levers were scored
+
+RECIPES = {  # name: (training flags, sampling flags); the default samples dpmpp-10, eta 1, w 2 at 0.15 < sigma <= 2
     "default": ([], []),
     "no-interval": ([], ["--guidance-interval", "0", "inf"]),  # guidance at every noise level: the earlier default
     "no-interval-eta-0": ([], ["--guidance-interval", "0", "inf", "--eta", "0"]),
@@ -36,19 +38,19 @@ RECIPES = {  # name: (training flags, sampling flags); the default samples dpmpp
     "interval-0-1-w-3": ([], ["--guidance-interval", "0", "1", "--guidance", "3"]),
     "unconditional": ([], ["--unconditional"]),
     "unconditional-eta-0": ([], ["--unconditional", "--eta", "0"]),
-    "min-snr": (["--min-snr-gamma", "5"], []),
-    "ema-0.995": (["--ema-decay", "0.995"], []),
-    "p-uncond-0.2": (["--p-uncond", "0.2"], []),
+    "min-snr": (["--min-snr-gamma", "5"], OLD),
+    "ema-0.995": (["--ema-decay", "0.995"], OLD),
+    "p-uncond-0.2": (["--p-uncond", "0.2"], OLD),
     "p-uncond-0.2-unconditional": (["--p-uncond", "0.2"], ["--unconditional"]),
-    "lr-4e-3": (["--lr", "4e-3"], []),
-    "warmup-50": (["--warmup-steps", "50"], []),
+    "lr-4e-3": (["--lr", "4e-3"], OLD),
+    "warmup-50": (["--warmup-steps", "50"], OLD),
     "interval-0.05-2": ([], ["--guidance-interval", "0.05", "2"]),  # skip guiding the last two, nearly clean steps
     "interval-0.15-2": ([], ["--guidance-interval", "0.15", "2"]),
     "interval-0.5-2": ([], ["--guidance-interval", "0.5", "2"]),
-    "steps-15": ([], ["--steps", "15"]),  # more solver steps: 1.5x the sampling time
-    "steps-20": ([], ["--steps", "20"]),
-    "ema-0.98": (["--ema-decay", "0.98"], []),  # acts after ~440 steps, where the warm-up passes 0.98
-    "batch-64": (["--batch-size", "64"], []),  # twice the steps for the same images (and about the same time)
+    "steps-15": ([], [*OLD, "--steps", "15"]),  # more solver steps: 1.5x the sampling time
+    "steps-20": ([], [*OLD, "--steps", "20"]),
+    "ema-0.98": (["--ema-decay", "0.98"], OLD),  # acts after ~440 steps, where the warm-up passes 0.98
+    "batch-64": (["--batch-size", "64"], OLD),  # twice the steps for the same images (and about the same time)
     "batch-64-unconditional": (["--batch-size", "64"], ["--unconditional"]),
     "batch-64-w-1": (["--batch-size", "64"], ["--guidance", "1"]),
 }
