@@ -12,12 +12,14 @@ OUT/minutes.png (or --plot). Needs the scorecard's classifier (`python -m diffus
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 from diffusion.checkpoint import load_checkpoint
+from diffusion.config import Config
 
 
 def run(args: list[str]) -> str:
@@ -49,10 +51,6 @@ def train_and_score(minutes: float, args) -> dict:
 
 def sampling_defaults() -> dict:
     """The sampling settings evaluate uses when given none: a score is only reused while these hold."""
-    import dataclasses
-
-    from diffusion.config import Config
-
     return {f.name: str(getattr(Config(), f.name)) for f in dataclasses.fields(Config) if f.metadata["group"] == "sampling"}
 
 
