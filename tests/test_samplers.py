@@ -256,3 +256,25 @@ def test_dpmpp_multistep_step_matches_lu_et_al_algorithm_2(s):
     d = (1 + 1 / (2 * r)) * x0s[1] - 1 / (2 * r) * x0s[0]
     expected = sigma[ts[2]] / sigma[ts[1]] * states[1] - alpha[ts[2]] * (torch.exp(-h) - 1) * d
     assert torch.allclose(states[2], expected, atol=1e-12)
+
+
+def test_default_sampler_guides_two_of_its_ten_steps():
+    """The README's cost claim: the default dpmpp-10 with the default interval (0.15, 2] guides only the steps at
+    sigma = 0.73 and 0.25, so a batch of 16 costs 12 network passes (8 single, 2 doubled), not 15 or 20."""
+    from diffusion.config import Config
+    from diffusion.diffusion_utils import schedule_from_config
+    from diffusion.samplers import sampler_timesteps
+
+    cfg = Config()
+    s = schedule_from_config(cfg)
+    batches = []
+
+    def spy(x, t, y):
+        batches.append(len(x))
+        return torch.zeros_like(x)
+    ts = sampler_timesteps(cfg.sampler, s, cfg.sample_steps)
+    model = guided(spy, torch.arange(16) % 10, cfg.guidance, 10, guide_t=guidance_timesteps(s, *cfg.guidance_interval))
+    sample_dpmpp(model, torch.randn(16, 1, 28, 28), s, ts, eta=cfg.eta)
+    sigma = ((1 - s.alpha_bar) / s.alpha_bar).sqrt()
+    guided_sigmas = [round(float(sigma[t]), 2) for t, b in zip(ts, batches) if b == 32]
+    assert guided_sigmas == [0.73, 0.25] and batches.count(16) == 8
