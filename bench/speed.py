@@ -4,8 +4,10 @@ and seconds to sample 16 digits. Not a test: run it on an idle machine.
     python bench/speed.py --data-root ../shared/data             # this project's configurations
     pip install -e ".[bench]" && python bench/speed.py --anchors  # plus diffusers and lucidrains' U-Nets
     python bench/speed.py --anchors --anchors-bf16                 # ... and the same under bf16 autocast
+    python bench/speed.py --compile                                 # plus a torch.compile row (pays on CUDA)
 
-Each configuration runs in its own process so that peak memory (max RSS) is its own.
+On a machine with a CUDA GPU, ours run there (the anchors stay CPU-only) and the peak is a bf16 matmul's.
+Each configuration runs in its own process so that peak memory (max RSS, or CUDA's max allocated) is its own.
 """
 from __future__ import annotations
 
@@ -34,17 +36,30 @@ OURS = {  # name: Config overrides
 }
 ANCHORS = ("diffusers UNet2DModel (32,64,64), no attention, 32x32",
            "lucidrains Unet(dim=32, dim_mults=(1,2,4)), 28x28")
+COMPILED = "ours: default, torch.compile"
 BF16 = ", bf16 autocast"  # an anchor name with this suffix runs its step under bf16 autocast, as ours can
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Achieved fp32 GFLOP/s of an n x n matmul: the practical ceiling for this machine."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync() -> None:
+    """CUDA runs asynchronously: wait for it before reading a clock."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_peak(reps: int = 10) -> tuple[float, str]:
+    """Achieved GFLOP/s of a square matmul: the practical ceiling for this machine (fp32 on a CPU; bf16 on
+    CUDA, which trains in bf16 there)."""
+    cuda = torch.cuda.is_available()
+    n, dtype = (8192, torch.bfloat16) if cuda else (2048, torch.float32)
+    a, b = (torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu") for _ in range(2))
     a @ b
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    sync()
+    where = f"bf16 on {torch.cuda.get_device_name()}" if cuda else f"fp32, {torch.get_num_threads()} threads"
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9, f"{where}, {n}x{n}"
 
 
 def forward_flops(fn, batch: int) -> float:
@@ -56,9 +71,11 @@ def forward_flops(fn, batch: int) -> float:
 def time_steps(step, steps: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     return (time.perf_counter() - t0) / steps
 
 
@@ -67,22 +84,23 @@ def ours(name: str, args) -> dict:
     from diffusion.dataloader import to_unit_range
     from diffusion.train import TrainingRun
 
-    cfg = Config(data_root=args.data_root, limit_train=args.batch * 4, batch_size=args.batch, **OURS[name])
+    overrides = {"compile": True} if name == COMPILED else OURS[name]
+    cfg = Config(data_root=args.data_root, limit_train=args.batch * 4, batch_size=args.batch, **overrides)
     run = TrainingRun(cfg)
     x0 = to_unit_range(run.images[: args.batch])
     y = run.labels[: args.batch]
-    t = torch.randint(0, 1000, (args.batch,))
+    t = torch.randint(0, 1000, (args.batch,), device=run.device)
     x_in = x0.contiguous(memory_format=torch.channels_last) if run.precision.channels_last else x0
     flops = forward_flops(lambda: run.model(x_in, t, y), args.batch)
     seconds = time_steps(lambda: run.train_step(x0, y), args.steps)
     result = {"params": sum(p.numel() for p in run.model.parameters()), "fwd_flops": flops, "step_s": seconds,
               "precision": run.precision.describe()}
     if name == next(iter(OURS)):
-        result["sampling"] = sampling_times(run.ema.module, cfg)
+        result["sampling"] = sampling_times(run.ema.module, run.cfg, run.device)
     return result
 
 
-def sampling_times(net, cfg) -> dict:
+def sampling_times(net, cfg, device: torch.device) -> dict:
     """Seconds for 16 guided digits with each sampler (weights do not change the cost): the median of 5 runs
     after a warm-up, one run for DDPM-1000. The default sampler is also timed with wider guidance intervals."""
     import dataclasses
@@ -100,11 +118,13 @@ def sampling_times(net, cfg) -> dict:
         c = dataclasses.replace(cfg, sampler=sampler, sample_steps=steps, guidance_interval=interval)
         labels = torch.arange(16) % 10
         runs = 1 if sampler == "ddpm" else 5
-        generate(net, c, 16, labels, torch.device("cpu"), progress=False) if runs > 1 else None
+        generate(net, c, 16, labels, device, progress=False) if runs > 1 else None
         seconds = []
         for _ in range(runs):
+            sync()
             t0 = time.perf_counter()
-            generate(net, c, 16, labels, torch.device("cpu"), progress=False)
+            generate(net, c, 16, labels, device, progress=False)
+            sync()
             seconds.append(time.perf_counter() - t0)
         out[name] = statistics.median(seconds)
     return out
@@ -145,13 +165,16 @@ def anchor(name: str, args) -> dict:
 
 
 def measure_one(name: str, args) -> dict:
-    result = ours(name, args) if name in OURS else anchor(name, args)
+    result = ours(name, args) if name in OURS or name == COMPILED else anchor(name, args)
     if name.endswith(BF16):
         result["precision"] = "bf16 autocast"
     result["name"] = name
     result["images_per_s"] = args.batch / result["step_s"]
     result["achieved_gflops"] = 3 * result["fwd_flops"] * result["images_per_s"] / 1e9  # backward ~ 2x forward
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if resource else float("nan")
+    if torch.cuda.is_available() and (name in OURS or name == COMPILED):
+        result["peak_rss_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if resource else float("nan")
     return result
 
 
@@ -163,7 +186,8 @@ def main() -> None:
     parser.add_argument("--anchors", action="store_true", help="also measure diffusers and lucidrains")
     parser.add_argument("--anchors-bf16", action="store_true",
                         help="also measure the anchors under bf16 autocast (their libraries' default is fp32)")
-    parser.add_argument("--only", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="also measure the default under torch.compile")
+    parser.add_argument("--only", metavar="NAME", help="measure this one configuration and print it as JSON")
     parser.add_argument("--json", help="also write all results to this file")
     args = parser.parse_args()
     if args.data_root is None:
@@ -172,8 +196,8 @@ def main() -> None:
     if args.only:
         print(json.dumps(measure_one(args.only, args)))
         return
-    peak = matmul_peak()
-    names = list(OURS) + (list(ANCHORS) if args.anchors else []) + ([a + BF16 for a in ANCHORS] if args.anchors_bf16 else [])
+    peak, peak_how = matmul_peak()
+    names = list(OURS) + ([COMPILED] if args.compile else []) + (list(ANCHORS) if args.anchors else []) + ([a + BF16 for a in ANCHORS] if args.anchors_bf16 else [])
     results = []
     for name in names:
         cmd = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--steps", str(args.steps),
@@ -183,8 +207,9 @@ def main() -> None:
             print(f"{name}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"\nmatmul peak (fp32, 2048x2048, {torch.get_num_threads()} threads): {peak:.0f} GFLOP/s; batch {args.batch}\n")
-    print("| configuration | precision | params | train img/s | fwd GFLOP/img | achieved GFLOP/s | % of peak | peak RSS MiB |")
+    memory = "peak CUDA MiB" if torch.cuda.is_available() else "peak RSS MiB"
+    print(f"\nmatmul peak ({peak_how}): {peak:.0f} GFLOP/s; batch {args.batch}\n")
+    print(f"| configuration | precision | params | train img/s | fwd GFLOP/img | achieved GFLOP/s | % of peak | {memory} |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['name']} | {r.get('precision', '-')} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | "

@@ -1,9 +1,11 @@
 """Pick bf16 or fp32 and the convolutions' memory format by timing the actual model on this machine.
 
-Which is fastest depends on the CPU: bf16 autocast trained 1.6x faster than fp32 on one 2-core AMD EPYC
-and 1.9x slower on one Intel Xeon, and channels_last helps some CPUs by 10% and slows others. So with
---amp auto / --memory-format auto on a CPU, a few steps of each candidate are timed at start-up, the
-fastest wins, and the answer is cached per CPU model, torch version, threads and model configuration.
+Which is fastest depends on the machine: bf16 autocast trained 1.6x faster than fp32 on one 2-core AMD EPYC
+and 1.9x slower on one Intel Xeon, channels_last helps some CPUs by 10% and slows others, and on an H100 the
+small default U-Net trained faster in fp32 than in bf16 (its step is bound by kernel launches, which
+autocast's casts add to). So with --amp auto / --memory-format auto on a CPU or a CUDA GPU, a few steps of
+each candidate are timed at start-up, the fastest wins, and the answer is cached per CPU or GPU model, torch
+version, threads and model configuration.
 """
 from __future__ import annotations
 
@@ -36,9 +38,7 @@ class Precision:
 
 def candidates(cfg, device: torch.device) -> list[Precision]:
     """The settings --amp and --memory-format leave open on this device, best guess first."""
-    if device.type == "cuda":  # bf16 tensor cores and cuDNN's NHWC kernels: no need to measure
-        bf16s, lasts = [cfg.amp != "none"], [cfg.memory_format != "contiguous"]
-    elif device.type == "cpu":
+    if device.type in ("cpu", "cuda"):
         bf16s = [False, True] if cfg.amp == "auto" else [cfg.amp == "bf16"]
         lasts = [True, False] if cfg.memory_format == "auto" else [cfg.memory_format == "channels_last"]
     else:  # MPS and others: fp32 and the default layout, unless asked
@@ -62,7 +62,7 @@ def choose_precision(cfg, device: torch.device, model: torch.nn.Module, purpose:
     if verbose:
         others = ", ".join(f"{p.describe()} {s:.3f}" for p, s in seconds.items() if p != best)
         print(f"{purpose} precision: {best.describe()}, the fastest here ({seconds[best]:.3f} s per step of "
-              f"{batch}; {others}); measured once for {cpu_name()}, cached in {cache_path()}")
+              f"{batch}; {others}); measured once for {machine_name(device)}, cached in {cache_path()}")
     return best
 
 
@@ -74,6 +74,8 @@ def time_candidates(model: torch.nn.Module, cfg, device: torch.device, options: 
     for step in steps.values():
         for _ in range(warmup):
             step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     best = dict.fromkeys(options, float("inf"))
     for _ in range(rounds):
         for p, step in steps.items():
@@ -116,9 +118,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
 def cache_key(cfg, device: torch.device, purpose: str, batch: int) -> str:
     model = ", ".join(f"{name}={getattr(cfg, name)}" for name in SPEED_FIELDS)
-    return (f"{cpu_name() if device.type == 'cpu' else device.type} | torch {torch.__version__} | "
+    return (f"{machine_name(device) if device.type in ('cpu', 'cuda') else device.type} | torch {torch.__version__} | "
             f"threads {torch.get_num_threads()} | {purpose} batch {batch} | {model}")
 
 

@@ -119,7 +119,7 @@ class Config:
     device: str = setting("auto", "auto picks cuda, then mps, then cpu; or any torch device name", "runtime")
     threads: int = setting(0, "CPU threads for torch (0 = torch's default)", "runtime")
     amp: str = setting("auto", "bf16 autocast: auto picks the faster of bf16 and fp32 by timing a few steps on "
-                       "this CPU (cached; bf16 on CUDA), or force bf16 / none", "runtime", choices=AMP_MODES)
+                       "this CPU or GPU (cached), or force bf16 / none", "runtime", choices=AMP_MODES)
     memory_format: str = setting("auto", "the convolutions' memory format: auto times channels_last against "
                                  "contiguous (NCHW) with --amp, or force one", "runtime", choices=MEMORY_FORMATS)
     seed: int = setting(0, "seed for model init, data order and sampling noise", "runtime")

@@ -29,6 +29,7 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
     x_T (n, C, H, W) replaces the starting noise. known (n, C, H, W) and keep (1 or n, 1, H, W) inpaint: the
     pixels where keep is True stay those of known, the rest is generated (editing.inpaint, RePaint)."""
     check_guidance(cfg, labels)
+    labels = None if labels is None else labels.to(device)
     schedule_cpu = schedule_from_config(cfg)
     timesteps = sampler_timesteps(cfg.sampler, schedule_cpu, cfg.sample_steps)  # float64 math stays on the CPU
     schedule = schedule_cpu.to(device)

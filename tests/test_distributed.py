@@ -99,3 +99,39 @@ def test_cuda_path_flags_on_cpu_compile_and_bf16(data_root, tmp_path):
     out = run_cli("diffusion.sampling", "--checkpoint", str(tmp_path / "epoch_001.pth"), "--output",
                   str(tmp_path / "g.png"), "--amp", "bf16")
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_sampling_takes_labels_from_the_cpu(data_root, tmp_path):
+    from diffusion.config import Config
+    from diffusion.generation import generate
+    cfg = Config(data_root=str(data_root))
+    net = build_model(cfg).to("cuda")
+    images = generate(net, cfg, 4, torch.arange(4), torch.device("cuda"), progress=False)
+    assert images.shape == (4, 1, 28, 28) and images.is_cuda
+
+
+def test_compiled_model_skips_the_shorter_last_batch(data_root, monkeypatch):
+    """A compiled model meeting a new batch size recompiles (over a minute on an H100): the epoch's shorter
+    last batch goes through the eager model, which shares its weights."""
+    from diffusion.config import Config
+    from diffusion.train import TrainingRun
+    calls = []
+
+    class Spy(torch.nn.Module):  # stands in for torch.compile's wrapper and counts its batches
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x, t, y):
+            calls.append(len(x))
+            return self.module(x, t, y)
+
+    monkeypatch.setattr(torch, "compile", Spy)
+    cfg = Config(data_root=str(data_root), limit_train=40, batch_size=16, compile=True, device="cpu",
+                 amp="none", memory_format="contiguous", base_channels=8, channel_mults=(1, 2), sample_every=0)
+    run = TrainingRun(cfg)
+    x0, y = run.images[:16].float() / 127.5 - 1, run.labels[:16]
+    run.train_step(x0, y)
+    run.train_step(x0[:8], y[:8])
+    assert calls == [16]
