@@ -49,7 +49,7 @@ def main() -> None:
     test, labels = load_images(dataclasses.replace(Config(), data_root=args.data_root), train=False)
     digits, labels = test[: args.n], labels[: args.n]
     classifier = load_classifier(Path(args.classifier))
-    results = {"checkpoint": str(path), "n": len(digits), "resample": cfg.resample, "steps": cfg.sample_steps,
+    results = {"checkpoint": str(path), "n": len(digits), "resample": cfg.resample, "steps": cfg.sample_steps or "auto",
                "sampler": cfg.sampler, "eta": cfg.eta, "guidance": cfg.guidance, "regions": {}}
     pictures = []
     for region in args.regions:

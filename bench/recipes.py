@@ -36,12 +36,12 @@ RECIPES = {  # name: (training flags, sampling flags); the default samples dpmpp
     "interval-0-1": ([], ["--guidance-interval", "0", "1"]),
     "interval-0-2-w-3": ([], ["--guidance-interval", "0", "2", "--guidance", "3"]),
     "interval-0-1-w-3": ([], ["--guidance-interval", "0", "1", "--guidance", "3"]),
-    "unconditional": ([], ["--unconditional"]),
-    "unconditional-eta-0": ([], ["--unconditional", "--eta", "0"]),
+    "unconditional": ([], ["--unconditional", "--steps", "10"]),  # 10: the unconditional default before auto steps
+    "unconditional-eta-0": ([], ["--unconditional", "--steps", "10", "--eta", "0"]),
     "min-snr": (["--min-snr-gamma", "5"], OLD),
     "ema-0.995": (["--ema-decay", "0.995"], OLD),
     "p-uncond-0.2": (["--p-uncond", "0.2"], OLD),
-    "p-uncond-0.2-unconditional": (["--p-uncond", "0.2"], ["--unconditional"]),
+    "p-uncond-0.2-unconditional": (["--p-uncond", "0.2"], ["--unconditional", "--steps", "10"]),
     "lr-4e-3": (["--lr", "4e-3"], OLD),
     "warmup-50": (["--warmup-steps", "50"], OLD),
     "interval-0.05-2": ([], ["--guidance-interval", "0.05", "2"]),  # skip guiding the last two, nearly clean steps
@@ -51,8 +51,13 @@ RECIPES = {  # name: (training flags, sampling flags); the default samples dpmpp
     "steps-20": ([], [*OLD, "--steps", "20"]),
     "ema-0.98": (["--ema-decay", "0.98"], OLD),  # acts after ~440 steps, where the warm-up passes 0.98
     "batch-64": (["--batch-size", "64"], OLD),  # twice the steps for the same images (and about the same time)
-    "batch-64-unconditional": (["--batch-size", "64"], ["--unconditional"]),
+    "batch-64-unconditional": (["--batch-size", "64"], ["--unconditional", "--steps", "10"]),
     "batch-64-w-1": (["--batch-size", "64"], ["--guidance", "1"]),
+    "label-free": (["--num-classes", "0"], ["--steps", "10"]),  # an unconditional model: every image trains it
+    "label-free-steps-20": (["--num-classes", "0"], ["--steps", "20"]),  # the auto steps without labels
+    "label-free-steps-50": (["--num-classes", "0"], ["--steps", "50"]),
+    "label-free-eta-0": (["--num-classes", "0"], ["--steps", "10", "--eta", "0"]),
+    "unconditional-auto": ([], ["--unconditional"]),  # the default network's null label, auto steps (20)
 }
 
 

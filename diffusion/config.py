@@ -100,7 +100,8 @@ class Config:
     # --- sampling ---
     sampler: str = setting("dpmpp", "ddpm (all T steps, Algorithm 2), ddim, or dpmpp (DPM-Solver++(2M))",
                            "sampling", choices=SAMPLERS)
-    sample_steps: int = setting(10, "steps for ddim and dpmpp (alias --steps); at most T", "sampling")
+    sample_steps: int = setting(0, "steps for ddim and dpmpp (alias --steps), at most T; 0 = auto: 10 with labels, "
+                                "20 without (the unconditional model needs more)", "sampling")
     sample_batch: int = setting(64, "images per sampling batch; larger batches run slower per image on a CPU",
                                 "sampling")
     eta: float = setting(1.0, "noise added per ddim/dpmpp step: 0 = deterministic ODE, 1 = DDPM posterior "
@@ -136,12 +137,12 @@ class Config:
     def validate(self) -> None:
         """Reject settings that make no sense, once, with one readable line."""
         positive = ("epochs", "batch_size", "timesteps", "lr", "base_channels", "num_res_blocks",
-                    "image_size", "channels", "sample_steps", "sample_batch", "log_every", "resample")
+                    "image_size", "channels", "sample_batch", "log_every", "resample")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("limit_train", "keep_last", "sample_every", "threads", "num_classes", "weight_decay", "minutes",
-                     "warmup_steps", "grad_clip", "min_snr_gamma", "guidance", "eta"):
+                     "warmup_steps", "grad_clip", "min_snr_gamma", "guidance", "eta", "sample_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
         parse_interval(self.save_every)

@@ -25,7 +25,8 @@ import torch
 from diffusion.checkpoint import resolve_checkpoint
 from diffusion.config import SAMPLERS, Config
 from diffusion.errors import UserError, run_cli
-from diffusion.generation import generate, interpolation_noise, load_for_sampling, sample_labels
+from diffusion.generation import (generate, interpolation_noise, load_for_sampling, sample_labels, solver_steps,
+                                  with_solver_steps)
 from diffusion.uploads import REGIONS, decode_square_png, digit_to_model_range, mask_keep, region_keep
 from diffusion.visuals import grid_png
 
@@ -46,7 +47,8 @@ class Demo:
     def info(self) -> dict:
         c = self.cfg
         return {"checkpoint": str(self.path), "num_classes": c.num_classes, "samplers": list(SAMPLERS),
-                "sampler": c.sampler, "steps": c.sample_steps, "eta": c.eta, "guidance": c.guidance, "seed": c.seed,
+                "sampler": c.sampler, "steps": solver_steps(c, guided=c.num_classes > 0), "eta": c.eta,
+                "guidance": c.guidance, "seed": c.seed,
                 "resample": c.resample, "max_steps": c.timesteps, "regions": list(REGIONS), "image_size": c.image_size}
 
     def settings(self, request: dict) -> Config:
@@ -90,6 +92,7 @@ class Demo:
         if request.get("task") == "interpolate":
             cfg = dataclasses.replace(cfg, eta=0.0)  # neighbours must share their path: the deterministic sampler
         n, labels, editing, nrow = self.inputs(request, cfg)
+        cfg = with_solver_steps(cfg, labels)
         with self.lock:
             steps = [0]
 

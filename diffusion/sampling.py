@@ -11,7 +11,8 @@ from diffusion.checkpoint import resolve_checkpoint
 from diffusion.config import Config, build_parser, config_overrides, parse_command_line
 from diffusion.dataloader import to_uint8
 from diffusion.errors import UserError, run_cli
-from diffusion.generation import generate, interpolation_noise, load_for_sampling, sample_labels, sampler_spec
+from diffusion.generation import (generate, interpolation_noise, load_for_sampling, sample_labels, sampler_spec,
+                                  with_solver_steps)
 from diffusion.uploads import REGIONS, digit_to_model_range, mask_keep, read_png_file, region_keep
 from diffusion.visuals import Animation, save_grid
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         labels = sample_labels(cfg, args.num_images, args.digit, unconditional=args.digit is None, device=device)
     else:
         labels = sample_labels(cfg, args.num_images, args.digit, args.all_digits, args.unconditional, cfg.seed, device)
+    cfg = with_solver_steps(cfg, labels)
     n = len(labels) if labels is not None else args.num_images
     nrow = args.num_images if args.all_digits or args.interpolate is not None else max(1, int(round(n ** 0.5)))
     output = Path(args.output or Path(cfg.out_dir) / "generated_images.png")

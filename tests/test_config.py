@@ -51,7 +51,7 @@ def test_data_root_from_environment(monkeypatch):
     ({"epochs": 0}, "--epochs must be positive"), ({"batch_size": -1}, "--batch-size"),
     ({"timesteps": 0}, "--timesteps"), ({"lr": 0.0}, "--lr"), ({"schedule": "quadratic"}, "--schedule"),
     ({"sampler": "euler"}, "--sampler"), ({"image_size": 30}, "must divide by 4"),
-    ({"base_channels": 12}, "multiple of 8"), ({"guidance": -1.0}, "--guidance"), ({"sample_steps": 0}, "--sample-steps"),
+    ({"base_channels": 12}, "multiple of 8"), ({"guidance": -1.0}, "--guidance"), ({"sample_steps": -1}, "--sample-steps"),
     ({"beta_start": 0.1, "beta_end": 0.01}, "--beta-start"), ({"dataset": "cifar"}, "--dataset"),
 ])
 def test_nonsense_is_rejected_when_built(kwargs, needle):

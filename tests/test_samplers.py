@@ -263,6 +263,7 @@ def test_default_sampler_guides_two_of_its_ten_steps():
     sigma = 0.73 and 0.25, so a batch of 16 costs 12 network passes (8 single, 2 doubled), not 15 or 20."""
     from diffusion.config import Config
     from diffusion.diffusion_utils import schedule_from_config
+    from diffusion.generation import solver_steps
     from diffusion.samplers import sampler_timesteps
 
     cfg = Config()
@@ -272,7 +273,7 @@ def test_default_sampler_guides_two_of_its_ten_steps():
     def spy(x, t, y):
         batches.append(len(x))
         return torch.zeros_like(x)
-    ts = sampler_timesteps(cfg.sampler, s, cfg.sample_steps)
+    ts = sampler_timesteps(cfg.sampler, s, solver_steps(cfg, guided=True))
     model = guided(spy, torch.arange(16) % 10, cfg.guidance, 10, guide_t=guidance_timesteps(s, *cfg.guidance_interval))
     sample_dpmpp(model, torch.randn(16, 1, 28, 28), s, ts, eta=cfg.eta)
     sigma = ((1 - s.alpha_bar) / s.alpha_bar).sqrt()

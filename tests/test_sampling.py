@@ -33,3 +33,21 @@ def test_label_errors(kwargs, needle):
 def test_digit_needs_a_conditional_model():
     with pytest.raises(UserError, match="trained without labels"):
         sample_labels(Config(num_classes=0), 4, digit=3)
+
+
+@pytest.mark.parametrize("steps, labelled, passes", [(0, True, 10), (0, False, 20), (7, False, 7), (7, True, 7)])
+def test_auto_steps_give_the_unconditional_model_twice_the_steps(steps, labelled, passes):
+    """--steps 0 (auto, the default): 10 solver steps with labels, 20 without; an explicit --steps always wins."""
+    from diffusion.config import Config
+    from diffusion.generation import generate
+    calls = []
+
+    class Spy(torch.nn.Module):  # counts network passes; predicts no noise
+        def forward(self, x, t, y):
+            calls.append(len(x))
+            return torch.zeros_like(x)
+
+    # w = 1: one pass per step, labelled or not; fixed precision, so no timing of the spy reaches the cache
+    cfg = Config(sample_steps=steps, guidance=1.0, amp="none", memory_format="contiguous")
+    generate(Spy(), cfg, 4, torch.arange(4) if labelled else None, torch.device("cpu"), progress=False)
+    assert len(calls) == passes
