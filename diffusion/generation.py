@@ -34,10 +34,10 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
     schedule_cpu = schedule_from_config(cfg)
     timesteps = sampler_timesteps(cfg.sampler, schedule_cpu, cfg.sample_steps)  # float64 math stays on the CPU
     schedule = schedule_cpu.to(device)
-    guided_batch = labels is not None and cfg.guidance not in (0, 1)  # cond + uncond in one batch
     guide_t = guidance_timesteps(schedule_cpu, *cfg.guidance_interval)
-    precision = choose_precision(cfg, device, net, "sample", min(cfg.sample_batch, n) * (2 if guided_batch else 1),
-                                 verbose=progress)
+    # timed at the plain batch: guidance doubles it only inside its noise interval (2 of the default 10 steps),
+    # and timing the doubled batch picked bf16 + channels_last, 27% slower than bf16 + NCHW at 64 on one Xeon
+    precision = choose_precision(cfg, device, net, "sample", min(cfg.sample_batch, n), verbose=progress)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
     starts = range(0, n, cfg.sample_batch)
