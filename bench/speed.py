@@ -197,7 +197,8 @@ def main() -> None:
         print(json.dumps(measure_one(args.only, args)))
         return
     peak, peak_how = matmul_peak()
-    names = list(OURS) + ([COMPILED] if args.compile else []) + (list(ANCHORS) if args.anchors else []) + ([a + BF16 for a in ANCHORS] if args.anchors_bf16 else [])
+    names = (list(OURS) + ([COMPILED] if args.compile else []) + (list(ANCHORS) if args.anchors else [])
+             + ([a + BF16 for a in ANCHORS] if args.anchors_bf16 else []))
     results = []
     for name in names:
         cmd = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--steps", str(args.steps),
