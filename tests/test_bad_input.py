@@ -66,7 +66,7 @@ def test_unknown_flag_is_usage_error():
 
 @pytest.mark.parametrize("flags,needle", [
     (["--digit", "10"], "--digit must be in 0..9"), (["--digit", "-1"], "--digit must be in 0..9"),
-    (["--guidance", "-2"], "--guidance must not be negative"), (["--steps", "0"], "--sample-steps must be positive"),
+    (["--guidance", "-2"], "--guidance must not be negative"), (["--steps", "-1"], "--sample-steps must not be negative"),
     (["--num-images", "0"], "--num-images must be positive"),
     # what the network was trained for comes from the checkpoint, noise schedule included
     (["--base-channels", "16"], "--base-channels is fixed by training"), (["--image-size", "32"], "fixed by training"),
