@@ -36,7 +36,7 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
     schedule = schedule_cpu.to(device)
     guide_t = guidance_timesteps(schedule_cpu, *cfg.guidance_interval)
     # timed at the plain batch: guidance doubles it only inside its noise interval (2 of the default 10 steps),
-    # and timing the doubled batch picked bf16 + channels_last, 27% slower than bf16 + NCHW at 64 on one Xeon
+    # and on one Xeon the doubled batch's pick (bf16 + channels_last) took 0.122 s per pass of 64, bf16 + NCHW 0.099
     precision = choose_precision(cfg, device, net, "sample", min(cfg.sample_batch, n), verbose=progress)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
@@ -145,7 +145,7 @@ def sampler_spec(cfg: Config) -> str:
     """How a sampler setting is named in tables and logs: NAME-STEPS:ETA, e.g. dpmpp-10:1 or ddpm-1000."""
     if cfg.sampler == "ddpm":
         return f"ddpm-{cfg.timesteps}"
-    return f"{cfg.sampler}-{cfg.sample_steps or 'auto'}:{cfg.eta:g}"
+    return f"{cfg.sampler}-{cfg.sample_steps}:{cfg.eta:g}"
 
 
 def parse_sampler_spec(spec: str) -> dict:
