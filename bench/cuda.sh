@@ -5,8 +5,8 @@
 #
 # In order of importance, each step cut short if the whole would pass SECONDS (default 600): the default
 # run (2 epochs), its 16-digit grid and 1000 digits, its scorecard, bench/speed.py (eager and compiled),
-# the default run again with --compile, 10 epochs of the default model and the README's larger GPU preset,
-# each of the last two with a scorecard and a one-row-per-digit grid. Writes log.txt and the pictures to
+# the default run again with --compile, 10 epochs of the default model and the README's larger GPU preset
+# for 2.5 minutes (--minutes), each of the last two with a scorecard and a one-row-per-digit grid. Writes log.txt and the pictures to
 # OUT_DIR (default cuda_out). The scorecard needs the classifier (python -m diffusion.classifier).
 set -u
 OUT=${1:-cuda_out}
@@ -43,12 +43,12 @@ step() {  # step LIMIT_S COMMAND...: run it, cut at LIMIT_S or at what is left o
 
   step 150 python -m diffusion.main --compile --ckpt-dir "$WORK/compiled"
 
-  step 150 python -m diffusion.main --compile --epochs 10 --ckpt-dir "$WORK/e10"
+  step 210 python -m diffusion.main --epochs 10 --ckpt-dir "$WORK/e10"
   step 90 python -m diffusion.evaluate --ckpt-dir "$WORK/e10" --n 1000
   step 60 python -m diffusion.sampling --ckpt-dir "$WORK/e10" --all-digits --num-images 10 --output "$OUT/epochs10_all_digits.png"
 
-  preset=(--base-channels 64 --channel-mults 1 2 2 --num-res-blocks 2 --batch-size 256 --epochs 30 --compile)
-  step 300 python -m diffusion.main "${preset[@]}" --ckpt-dir "$WORK/preset"
+  preset=(--base-channels 64 --channel-mults 1 2 2 --num-res-blocks 2 --batch-size 256)
+  step 200 python -m diffusion.main "${preset[@]}" --minutes 2.5 --ckpt-dir "$WORK/preset"
   step 90 python -m diffusion.evaluate --ckpt-dir "$WORK/preset" --n 1000
   step 60 python -m diffusion.sampling --ckpt-dir "$WORK/preset" --all-digits --num-images 10 --output "$OUT/preset_all_digits.png"
   step 90 python -m pytest -q tests/test_distributed.py -k cuda
