@@ -22,14 +22,16 @@ from diffusion.checkpoint import resolve_checkpoint
 from diffusion.classifier import DEFAULT_PATH, accuracy, load_classifier
 from diffusion.config import Config, build_parser, config_overrides
 from diffusion.dataloader import load_images, to_uint8, to_unit_range
-from diffusion.generation import generate, load_for_sampling
+from diffusion.generation import generate, load_for_sampling, load_guide
 from diffusion.uploads import region_keep
 from diffusion.visuals import save_grid
 
 
-def complete(net, cfg, device, digits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+def complete(net, cfg, device, digits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor | None,
+             weak=None) -> torch.Tensor:
     known = to_unit_range(digits)
-    return to_uint8(generate(net, cfg, len(digits), labels, device, seed=cfg.seed, known=known, keep=keep)).cpu()
+    return to_uint8(generate(net, cfg, len(digits), labels, device, seed=cfg.seed, known=known, keep=keep,
+                             weak=weak)).cpu()
 
 
 def main() -> None:
@@ -46,11 +48,12 @@ def main() -> None:
     overrides = config_overrides(build_parser("sampling", "").parse_args(args.sampling_flags))
     path = resolve_checkpoint(args.checkpoint, Config().ckpt_dir)
     net, cfg, device = load_for_sampling(path, overrides)
+    weak, guide_line = load_guide(path, cfg, device)
     test, labels = load_images(dataclasses.replace(Config(), data_root=args.data_root), train=False)
     digits, labels = test[: args.n], labels[: args.n]
     classifier = load_classifier(Path(args.classifier))
     results = {"checkpoint": str(path), "n": len(digits), "resample": cfg.resample, "steps": cfg.sample_steps or "auto",
-               "sampler": cfg.sampler, "eta": cfg.eta, "guidance": cfg.guidance, "regions": {}}
+               "sampler": cfg.sampler, "eta": min(cfg.eta, 1.0), "guide": guide_line, "regions": {}}
     pictures = []
     for region in args.regions:
         keep = region_keep(region, cfg.image_size)
@@ -58,7 +61,7 @@ def main() -> None:
         row = {"masked image alone": accuracy(classifier, masked, labels)}
         for name, guide in (("completed, no label", None), (f"completed, guided to the true label (w = {cfg.guidance:g})", labels)):
             start = time.perf_counter()
-            filled = complete(net, cfg, device, digits, keep, None if guide is None else guide.to(device))
+            filled = complete(net, cfg, device, digits, keep, None if guide is None else guide.to(device), weak)
             row[name] = accuracy(classifier, filled, labels)
             row[name + " seconds"] = round(time.perf_counter() - start, 1)
             if guide is None:

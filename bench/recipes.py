@@ -19,9 +19,11 @@ import sys
 from pathlib import Path
 
 OLD = ["--guidance-interval", "0", "2"]  # the default interval when the training levers were scored
+# the sampling defaults before autoguidance: classifier-free guidance w 2 at 0.15 < sigma <= 2, dpmpp-10 with eta 1
+BEFORE = ["--guide-checkpoint", "none", "--guidance", "2", "--eta", "1"]
 
-RECIPES = {  # name: (training flags, sampling flags); the default samples dpmpp-10, eta 1, w 2 at 0.15 < sigma <= 2
-    "default": ([], []),
+EARLIER = {  # name: (training flags, sampling flags), scored on top of BEFORE
+    "previous-default": ([], []),
     "no-interval": ([], ["--guidance-interval", "0", "inf"]),  # guidance at every noise level: the earlier default
     "no-interval-eta-0": ([], ["--guidance-interval", "0", "inf", "--eta", "0"]),
     "no-interval-w-1.25": ([], ["--guidance-interval", "0", "inf", "--guidance", "1.25"]),
@@ -58,7 +60,24 @@ RECIPES = {  # name: (training flags, sampling flags); the default samples dpmpp
     "label-free-steps-50": (["--num-classes", "0"], ["--steps", "50"]),
     "label-free-eta-0": (["--num-classes", "0"], ["--steps", "10", "--eta", "0"]),
     "unconditional-auto": ([], ["--unconditional"]),  # the default network's null label, auto steps (20)
+    "eta-2": ([], ["--eta", "2"]),  # more fresh noise per dpmpp step than the reverse SDE's (eta 1)
+    "eta-2.5": ([], ["--eta", "2.5"]),
+    "eta-3": ([], ["--eta", "3"]),
+    "eta-4": ([], ["--eta", "4"]),
+    "eta-3-w-1.5": ([], ["--eta", "3", "--guidance", "1.5"]),
+    "eta-3-w-1.75": ([], ["--eta", "3", "--guidance", "1.75"]),
+    "eta-3-w-1": ([], ["--eta", "3", "--guidance", "1"]),
+    "eta-3-interval-0.5-2": ([], ["--eta", "3", "--guidance-interval", "0.5", "2"]),
 }
+RECIPES = {name: (train, BEFORE + sample) for name, (train, sample) in EARLIER.items()}
+RECIPES.update({  # the current sampling defaults: autoguidance by epoch_001.pth, w 2.5, dpmpp-10 with eta 3
+    "default": ([], []),
+    "autoguidance-w-2": ([], ["--guidance", "2"]),
+    "autoguidance-w-3": ([], ["--guidance", "3"]),
+    "autoguidance-eta-1": ([], ["--eta", "1"]),
+    "autoguidance-eta-1-w-2": ([], ["--eta", "1", "--guidance", "2"]),
+    "cfg-w-2.5": ([], ["--guide-checkpoint", "none"]),  # what sampling falls back to without an earlier epoch
+})
 
 
 def run(args: list[str]) -> str:

@@ -104,10 +104,15 @@ class Config:
                                 "20 without (the unconditional model needs more)", "sampling")
     sample_batch: int = setting(64, "images per sampling batch; larger batches run slower per image on a CPU",
                                 "sampling")
-    eta: float = setting(1.0, "noise added per ddim/dpmpp step: 0 = deterministic ODE, 1 = DDPM posterior "
-                         "variance", "sampling")
-    guidance: float = setting(2.0, "classifier-free guidance w in eps_u + w (eps_c - eps_u); 1 = conditional "
-                              "model, 0 = unconditional", "sampling")
+    eta: float = setting(3.0, "fresh noise per dpmpp step: 0 = deterministic ODE, 1 = the reverse SDE (DDPM's "
+                         "posterior variance), above 1 more of each step's noise is replaced, which mends malformed "
+                         "strokes of a briefly trained model; ddim and inpainting take at most 1", "sampling")
+    guidance: float = setting(2.5, "guidance w in eps_g + w (eps_c - eps_g), eps_g from --guide-checkpoint or the "
+                              "unconditional model; 1 = the conditional model, 0 = eps_g alone", "sampling")
+    guide_checkpoint: str = setting("auto", "guide with a less trained checkpoint of the same run instead of the "
+                                    "unconditional model (autoguidance, Karras et al. 2024): auto = the epoch "
+                                    "checkpoint at half the loaded one's epochs when it is on disk, none = "
+                                    "classifier-free guidance, or a checkpoint path", "sampling")
     guidance_interval: tuple[float, ...] = setting((0.15, 2.0), "guide only while the noise level sigma_t = "
                                                    "sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (LO, HI], the "
                                                    "conditional model elsewhere (Kynkaanniemi et al. 2024); guiding "

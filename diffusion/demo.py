@@ -25,8 +25,8 @@ import torch
 from diffusion.checkpoint import resolve_checkpoint
 from diffusion.config import SAMPLERS, Config
 from diffusion.errors import UserError, run_cli
-from diffusion.generation import (generate, interpolation_noise, load_for_sampling, sample_labels, solver_steps,
-                                  with_solver_steps)
+from diffusion.generation import (generate, interpolation_noise, load_for_sampling, load_guide, sample_labels,
+                                  solver_steps, with_solver_steps)
 from diffusion.uploads import REGIONS, decode_square_png, digit_to_model_range, mask_keep, region_keep
 from diffusion.visuals import grid_png
 
@@ -42,6 +42,7 @@ class Demo:
     def __init__(self, path: Path, overrides: dict):
         self.path = path
         self.net, self.cfg, self.device = load_for_sampling(path, overrides)
+        self.weak, self.guide = load_guide(path, self.cfg, self.device)
         self.lock = threading.Lock()
 
     def info(self) -> dict:
@@ -101,7 +102,7 @@ class Demo:
                 send({"frame": i + 1, "png": b64(grid_png(xt.clamp(-1, 1), nrow))})
 
             x = generate(self.net, cfg, n, labels, self.device, seed=cfg.seed, progress=False, callback=on_step,
-                         **editing)
+                         weak=self.weak, **editing)
         send({"done": True, "png": b64(grid_png(x, nrow)), "frames": steps[0],
               "settings": {"sampler": cfg.sampler, "steps": cfg.sample_steps, "eta": cfg.eta,
                            "guidance": cfg.guidance, "seed": cfg.seed}})

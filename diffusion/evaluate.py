@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from diffusion.classifier import DEFAULT_PATH, DigitCNN, load_classifier
 from diffusion.config import Config, build_parser, config_overrides, parse_command_line
 from diffusion.dataloader import load_images, to_uint8, to_unit_range
 from diffusion.errors import UserError, run_cli
-from diffusion.generation import generate, load_for_sampling, sample_labels
+from diffusion.generation import generate, load_for_sampling, load_guide, sample_labels
 from diffusion.sampling import add_sampling_args
 
 
@@ -177,10 +178,10 @@ def evaluate(images: torch.Tensor, cfg: Config, classifier: Path, digit: int | N
 
 
 def sample_for_scoring(net, cfg: Config, device, n: int, digit: int | None = None,
-                       unconditional: bool = False, progress: bool = True) -> torch.Tensor:
-    """n uint8 samples, labelled and seeded as `python -m diffusion.sampling --num-images n` would."""
+                       unconditional: bool = False, progress: bool = True, weak=None) -> torch.Tensor:
+    """n uint8 samples, labelled, seeded and guided as `python -m diffusion.sampling --num-images n` would."""
     labels = sample_labels(cfg, n, digit, False, unconditional, cfg.seed, device)
-    return to_uint8(generate(net, cfg, n, labels, device, seed=cfg.seed, progress=progress)).cpu()
+    return to_uint8(generate(net, cfg, n, labels, device, seed=cfg.seed, progress=progress, weak=weak)).cpu()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,7 +201,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--n must be at least {MIN_IMAGES}, got {args.n}")
         path = resolve_checkpoint(args.checkpoint, cfg.ckpt_dir)
         net, cfg, device = load_for_sampling(path, overrides, use_ema=not args.no_ema)
-        images = sample_for_scoring(net, cfg, device, args.n, args.digit, args.unconditional)
+        weak, guide = load_guide(path, cfg, device, use_ema=not args.no_ema)
+        print(f"sampling {path} with {guide}", file=sys.stderr)
+        images = sample_for_scoring(net, cfg, device, args.n, args.digit, args.unconditional, weak=weak)
     card, floor = evaluate(images, cfg, Path(args.classifier), args.digit)
     print(json.dumps({"samples": card, "real_floor": floor}, indent=2) if args.json else format_table(card, floor))
 

@@ -21,14 +21,16 @@ from diffusion.samplers import SAMPLERS, guidance_timesteps, guided, sampler_tim
 
 def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device: torch.device,
              seed: int = 0, progress: bool = True, callback=None, x_T: torch.Tensor | None = None,
-             known: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+             known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+             weak: UNet | None = None) -> torch.Tensor:
     """n images in [-1, 1] from cfg.sampler, in chunks of cfg.sample_batch; labels (n,) guide them, None
     samples unconditionally. Chunk k draws its noise from seed + k * 1_000_003, so the same command and
     seed give the same images, and a first chunk equals a single batch of the same seed.
 
     x_T (n, C, H, W) replaces the starting noise. known (n, C, H, W) and keep (1 or n, 1, H, W) inpaint: the
-    pixels where keep is True stay those of known, the rest is generated (editing.inpaint, RePaint)."""
-    check_guidance(cfg, labels)
+    pixels where keep is True stay those of known, the rest is generated (editing.inpaint, RePaint).
+    weak (from load_guide) guides instead of the unconditional model (autoguidance)."""
+    check_guidance(cfg, labels, weak)
     labels = None if labels is None else labels.to(device)
     cfg = with_solver_steps(cfg, labels)
     schedule_cpu = schedule_from_config(cfg)
@@ -40,6 +42,9 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
     precision = choose_precision(cfg, device, net, "sample", min(cfg.sample_batch, n), verbose=progress)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
+    weak = None if weak is None else weak.to(device=device, memory_format=memory_format).eval()
+    # DDIM steps (ddim, and inpainting's) have no noise above eta 1: their largest is DDPM's posterior variance
+    eta = min(cfg.eta, 1.0) if cfg.sampler == "ddim" or known is not None else cfg.eta
     starts = range(0, n, cfg.sample_batch)
     bar = tqdm(total=len(timesteps) * len(starts), unit="step", disable=not progress,
                desc=f"sampling ({cfg.sampler}, {len(timesteps)} steps{', %d batches' % len(starts) if len(starts) > 1 else ''})")
@@ -58,16 +63,16 @@ def generate(net: UNet, cfg: Config, n: int, labels: torch.Tensor | None, device
             x = x_T[start:start + size].to(device)
         x = x.contiguous(memory_format=memory_format)
         model = guided(net.eval(), None if labels is None else labels[start:start + size], cfg.guidance,
-                       null_label=cfg.num_classes, guide_t=guide_t)
+                       null_label=cfg.num_classes, guide_t=guide_t, weak=weak)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
             if known is None:
                 x = SAMPLERS[cfg.sampler](model, x, schedule, timesteps, generator=g, callback=on_step,
-                                          clip_x0=cfg.clip_x0, eta=cfg.eta)
+                                          clip_x0=cfg.clip_x0, eta=eta)
             else:
                 chunk_keep = keep if len(keep) == 1 else keep[start:start + size]
                 x = inpaint(model, x, schedule, timesteps, known[start:start + size].to(device),
                             chunk_keep.to(device), generator=g, callback=on_step, clip_x0=cfg.clip_x0,
-                            eta=cfg.eta, resample=cfg.resample)
+                            eta=eta, resample=cfg.resample)
         chunks.append(x.float())
     bar.close()
     return torch.cat(chunks)
@@ -93,14 +98,14 @@ def with_solver_steps(cfg: Config, labels: torch.Tensor | None) -> Config:
     return dataclasses.replace(cfg, sample_steps=solver_steps(cfg, labels is not None))
 
 
-def check_guidance(cfg: Config, labels: torch.Tensor | None) -> None:
+def check_guidance(cfg: Config, labels: torch.Tensor | None, weak: UNet | None = None) -> None:
     """A model trained with --p-uncond 0 never learned eps_u: refuse anything that would use it."""
     if not cfg.num_classes or cfg.p_uncond > 0:
         return
     if labels is None:
         raise UserError("this model was trained with --p-uncond 0, so it has no unconditional mode: drop "
                         "--unconditional, and give --inpaint or --interpolate a --digit")
-    if cfg.guidance != 1:
+    if cfg.guidance != 1 and weak is None:
         raise UserError(f"this model was trained with --p-uncond 0, so it has no unconditional eps to guide with; "
                         f"pass --guidance 1 (got {cfg.guidance})")
 
@@ -117,6 +122,35 @@ def load_for_sampling(path: Path, overrides: dict, use_ema: bool = True) -> tupl
     net = build_model(cfg)
     load_weights(net, state["ema" if use_ema else "model"], path)
     return net.to(device).eval(), cfg, device
+
+
+def guide_path(path: Path, setting: str) -> Path | None:
+    """The checkpoint to guide with for --guide-checkpoint SETTING when sampling from `path`: a given path, None
+    for 'none', and for 'auto' the epoch checkpoint at half of path's completed epochs in the same folder (the
+    default run's epoch_001.pth beside epoch_002.pth), or None when there is no such file."""
+    if setting == "none":
+        return None
+    if setting != "auto":
+        return Path(setting)
+    if is_exported(path):
+        return None
+    half = load_checkpoint(path)["epoch"] // 2
+    candidate = path.parent / f"epoch_{half:03d}.pth"
+    return candidate if half >= 1 and candidate.resolve() != path.resolve() and candidate.exists() else None
+
+
+def load_guide(path: Path, cfg: Config, device: torch.device, use_ema: bool = True) -> tuple[UNet | None, str]:
+    """(the weaker network that guides sampling from `path`, or None for classifier-free guidance; one line
+    saying which). Only a labelled model is guided this way: without labels there is nothing to guide."""
+    weak_path = guide_path(path, cfg.guide_checkpoint) if cfg.num_classes else None
+    if weak_path is None:
+        why = "" if cfg.guide_checkpoint == "none" or not cfg.num_classes else f" (no earlier epoch beside {path.name})"
+        return None, f"classifier-free guidance, w {cfg.guidance:g}{why}"
+    state = load_exported(weak_path) if is_exported(weak_path) else load_checkpoint(weak_path)
+    check_trained_fields(state["config"], cfg, weak_path)
+    weak = build_model(cfg)
+    load_weights(weak, state["ema" if use_ema else "model"], weak_path)
+    return weak.to(device).eval(), f"autoguidance by {weak_path.name}, w {cfg.guidance:g}"
 
 
 def sample_labels(cfg: Config, n: int, digit: int | None = None, all_digits: bool = False,

@@ -99,7 +99,10 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[i
                 generator: torch.Generator | None = None, callback: Callback = None,
                 clip_x0: bool = True, eta: float = 0.0, **_) -> torch.Tensor:
     """DDIM, Song et al. 2021, Eq. 12, over decreasing `timesteps` (e.g. spaced_timesteps(T, 50)):
-    eta = 0 is deterministic, eta = 1 has DDPM's posterior variance."""
+    eta = 0 is deterministic, eta = 1 has DDPM's posterior variance; above 1 the noise would exceed sqrt(1 -
+    alpha_bar_prev) and the step would leave q(x_{t-1} | x_0), so it is refused."""
+    if eta > 1:
+        raise ValueError(f"DDIM's eta must be in [0, 1], got {eta}")
     ts = timesteps
     for i, t in enumerate(ts):
         _, eps, x0 = denoise(model, x, t, s, clip_x0)
@@ -150,21 +153,28 @@ SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp": sample_dpmpp}
 
 
 def guided(net: torch.nn.Module, labels: torch.Tensor | None, w: float, null_label: int,
-           guide_t: tuple[int, int] | None = None) -> EpsModel:
+           guide_t: tuple[int, int] | None = None, weak: torch.nn.Module | None = None) -> EpsModel:
     """Classifier-free guidance (Ho & Salimans 2022) as a closure: eps_u + w (eps_c - eps_u).
 
     w = 1 is the conditional model, w = 0 the unconditional one. labels=None samples unconditionally.
     Conditional and unconditional inputs go through the network as one batch. guide_t = (lo, hi) guides
     only at lo <= t <= hi and uses the conditional model elsewhere (Kynkaanniemi et al. 2024): guidance
     at the highest noise levels pulls every sample of a label towards one mode and costs variety.
+
+    weak, a less trained network of the same run, replaces the unconditional model (autoguidance, Karras et
+    al. 2024): eps_weak + w (eps_c - eps_weak), both given the labels. It pushes away from the errors that
+    training was still removing rather than from other classes, so it sharpens without making digits alike.
     """
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null = torch.full((x.shape[0],), null_label, device=x.device, dtype=torch.long)
-        if labels is None or w == 0:
+        if labels is None or (w == 0 and weak is None):
             return net(x, t, null)
         if w == 1 or (guide_t is not None and not guide_t[0] <= int(t[0]) <= guide_t[1]):
             return net(x, t, labels)
-        eps_c, eps_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+        if weak is not None:
+            eps_c, eps_u = net(x, t, labels).float(), weak(x, t, labels).float()
+        else:
+            eps_c, eps_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
         return eps_u + w * (eps_c - eps_u)  # in float32 even under bf16 autocast: w amplifies rounding
     return model
 

@@ -11,8 +11,8 @@ from diffusion.checkpoint import resolve_checkpoint
 from diffusion.config import Config, build_parser, config_overrides, parse_command_line
 from diffusion.dataloader import to_uint8
 from diffusion.errors import UserError, run_cli
-from diffusion.generation import (generate, interpolation_noise, load_for_sampling, sample_labels, sampler_spec,
-                                  with_solver_steps)
+from diffusion.generation import (generate, interpolation_noise, load_for_sampling, load_guide, sample_labels,
+                                  sampler_spec, with_solver_steps)
 from diffusion.uploads import REGIONS, digit_to_model_range, mask_keep, read_png_file, region_keep
 from diffusion.visuals import Animation, save_grid
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     Config(**{**Config().to_dict(), **overrides})  # validate the flags before any work
     path = resolve_checkpoint(args.checkpoint, overrides.get("ckpt_dir", Config().ckpt_dir))
     net, cfg, device = load_for_sampling(path, overrides, use_ema=not args.no_ema)
+    weak, guide = load_guide(path, cfg, device, use_ema=not args.no_ema)
     if args.num_images < 1:
         raise UserError(f"--num-images must be positive, got {args.num_images}")
     editing = edit_inputs(args, cfg, overrides)
@@ -70,9 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     animation = None
     if args.gif:
         animation = Animation(cfg.timesteps if cfg.sampler == "ddpm" else cfg.sample_steps, nrow, args.gif_x0)
-    x = generate(net, cfg, n, labels, device, seed=cfg.seed, callback=animation, **editing)
+    x = generate(net, cfg, n, labels, device, seed=cfg.seed, callback=animation, weak=weak, **editing)
     save_grid(x, output, nrow=nrow)
-    print(f"wrote {n} images from {path} ({sampler_spec(cfg)}, guidance {cfg.guidance if labels is not None else 'none'}) to {output}")
+    print(f"wrote {n} images from {path} ({sampler_spec(cfg)}, {guide if labels is not None else 'no labels, no guidance'}) to {output}")
     if args.npy:
         np.save(args.npy, to_uint8(x).cpu().numpy().squeeze(1) if cfg.channels == 1 else
                 to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())

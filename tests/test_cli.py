@@ -145,3 +145,17 @@ def test_tensorboard_logger_records_loss_and_preview(tmp_path, data_root):
     assert [v for _, v in logged] == pytest.approx([v for _, v in curve], rel=1e-6)
     assert [e.step for e in events.Scalars("epoch/mean_loss")] == [4, 8]
     assert len(events.Images("preview")) == 2
+
+
+def test_sampling_guides_with_the_earlier_epoch_by_default(trained, tmp_path):
+    """--guide-checkpoint auto: epoch_002.pth is guided by epoch_001.pth (autoguidance); with none, or from the
+    first epoch (nothing earlier), sampling falls back to classifier-free guidance and says so."""
+    ck = trained[0] / "ck"
+    runs = {name: run_cli("diffusion.sampling", "--ckpt-dir", str(ck), "--num-images", "4", *flags,
+                          "--output", str(tmp_path / f"{name}.png"), "--npy", str(tmp_path / f"{name}.npy"))
+            for name, flags in [("auto", []), ("none", ["--guide-checkpoint", "none"]),
+                                ("first", ["--checkpoint", str(ck / "epoch_001.pth")])]}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
+    assert "autoguidance by epoch_001.pth" in runs["auto"].stdout
+    assert "classifier-free guidance" in runs["none"].stdout and "no earlier epoch" in runs["first"].stdout
+    assert not np.array_equal(np.load(tmp_path / "auto.npy"), np.load(tmp_path / "none.npy"))

@@ -22,7 +22,7 @@ def test_every_field_is_a_flag_that_arrives_with_its_type():
               tuple: lambda v: (*v[:-1], v[-1] * 2), str: lambda v: v}
     choices = {"dataset": "fashion-mnist", "schedule": "cosine", "sampler": "ddim", "amp": "none", "device": "cpu",
                "data_root": "/elsewhere", "ckpt_dir": "ck", "out_dir": "out", "save_every": "7steps", "logger": "tensorboard",
-               "memory_format": "contiguous", "guidance_interval": (0.5, 4.0),
+               "memory_format": "contiguous", "guidance_interval": (0.5, 4.0), "guide_checkpoint": "none",
                "image_size": 56, "base_channels": 40, "beta_start": 0.0002}  # values the validation accepts
     for f in dataclasses.fields(Config):
         default = getattr(Config(), f.name)

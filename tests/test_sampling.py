@@ -69,3 +69,46 @@ def test_sampling_precision_is_timed_at_the_plain_batch(monkeypatch):
 
     generation.generate(Zero(), Config(), 16, torch.arange(16) % 10, torch.device("cpu"), progress=False)
     assert timed == [16]
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_generate_asks_the_weak_network_at_the_guided_steps_only(labelled):
+    """With a weak network (autoguidance) the default sampler asks it at the 2 guided steps of 10, with the labels,
+    and never without labels; the main network runs at every step."""
+    from diffusion.generation import generate
+    calls = {"net": [], "weak": []}
+
+    class Spy(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x, t, y):
+            calls[self.name].append(y.tolist())
+            return torch.zeros_like(x)
+
+    labels = torch.arange(4) if labelled else None
+    cfg = Config(amp="none", memory_format="contiguous")
+    generate(Spy("net"), cfg, 4, labels, torch.device("cpu"), progress=False, weak=Spy("weak"))
+    assert calls["weak"] == ([[0, 1, 2, 3]] * 2 if labelled else [])
+    assert len(calls["net"]) == (10 if labelled else 20)
+
+
+def fake_checkpoint(path, epoch: int) -> None:
+    torch.save({"model": {}, "ema": {}, "config": Config().to_dict(), "epoch": epoch, "step": 100 * epoch,
+                "format": 2}, path)
+
+
+def test_auto_guide_is_the_epoch_at_half_the_training(tmp_path):
+    from diffusion.generation import guide_path
+    for epoch in (1, 2, 3, 6):
+        fake_checkpoint(tmp_path / f"epoch_{epoch:03d}.pth", epoch)
+    fake_checkpoint(tmp_path / "final.pth", 6)  # a --minutes run stopped in epoch 7
+    assert guide_path(tmp_path / "epoch_002.pth", "auto") == tmp_path / "epoch_001.pth"
+    assert guide_path(tmp_path / "epoch_003.pth", "auto") == tmp_path / "epoch_001.pth"
+    assert guide_path(tmp_path / "final.pth", "auto") == tmp_path / "epoch_003.pth"
+    assert guide_path(tmp_path / "epoch_001.pth", "auto") is None  # nothing earlier
+    (tmp_path / "epoch_003.pth").unlink()  # --keep-last removed it: classifier-free guidance
+    assert guide_path(tmp_path / "epoch_006.pth", "auto") is None
+    assert guide_path(tmp_path / "epoch_006.pth", "none") is None
+    assert guide_path(tmp_path / "epoch_006.pth", str(tmp_path / "epoch_002.pth")) == tmp_path / "epoch_002.pth"
