@@ -76,7 +76,7 @@ RECIPES.update({  # the current sampling defaults: autoguidance by epoch_001.pth
     "autoguidance-w-3": ([], ["--guidance", "3"]),
     "autoguidance-eta-1": ([], ["--eta", "1"]),
     "autoguidance-eta-1-w-2": ([], ["--eta", "1", "--guidance", "2"]),
-    "cfg-w-2.5": ([], ["--guide-checkpoint", "none"]),  # what sampling falls back to without an earlier epoch
+    "cfg-w-2.5": ([], ["--guide-checkpoint", "none", "--guidance", "2.5", "--eta", "3"]),  # the defaults, without it
 })
 
 

@@ -26,7 +26,7 @@ from diffusion.checkpoint import resolve_checkpoint
 from diffusion.config import SAMPLERS, Config
 from diffusion.errors import UserError, run_cli
 from diffusion.generation import (generate, interpolation_noise, load_for_sampling, load_guide, sample_labels,
-                                  solver_steps, with_solver_steps)
+                                  settings_for_guide, solver_steps, with_solver_steps)
 from diffusion.uploads import REGIONS, decode_square_png, digit_to_model_range, mask_keep, region_keep
 from diffusion.visuals import grid_png
 
@@ -43,6 +43,7 @@ class Demo:
         self.path = path
         self.net, self.cfg, self.device = load_for_sampling(path, overrides)
         self.weak, self.guide = load_guide(path, self.cfg, self.device)
+        self.cfg = settings_for_guide(self.cfg, overrides, self.weak is not None)
         self.lock = threading.Lock()
 
     def info(self) -> dict:

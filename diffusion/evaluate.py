@@ -21,7 +21,7 @@ from diffusion.classifier import DEFAULT_PATH, DigitCNN, load_classifier
 from diffusion.config import Config, build_parser, config_overrides, parse_command_line
 from diffusion.dataloader import load_images, to_uint8, to_unit_range
 from diffusion.errors import UserError, run_cli
-from diffusion.generation import generate, load_for_sampling, load_guide, sample_labels
+from diffusion.generation import generate, load_for_sampling, load_guide, sample_labels, settings_for_guide
 from diffusion.sampling import add_sampling_args
 
 
@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> None:
         path = resolve_checkpoint(args.checkpoint, cfg.ckpt_dir)
         net, cfg, device = load_for_sampling(path, overrides, use_ema=not args.no_ema)
         weak, guide = load_guide(path, cfg, device, use_ema=not args.no_ema)
-        print(f"sampling {path} with {guide}", file=sys.stderr)
+        autoguided = weak is not None and not args.unconditional
+        cfg = settings_for_guide(cfg, overrides, autoguided)
+        if not autoguided:
+            guide = "no labels" if args.unconditional or not cfg.num_classes else "classifier-free guidance"
+        print(f"sampling {path} with {guide}, w {cfg.guidance:g}, eta {cfg.eta:g}", file=sys.stderr)
         images = sample_for_scoring(net, cfg, device, args.n, args.digit, args.unconditional, weak=weak)
     card, floor = evaluate(images, cfg, Path(args.classifier), args.digit)
     print(json.dumps({"samples": card, "real_floor": floor}, indent=2) if args.json else format_table(card, floor))

@@ -145,12 +145,24 @@ def load_guide(path: Path, cfg: Config, device: torch.device, use_ema: bool = Tr
     weak_path = guide_path(path, cfg.guide_checkpoint) if cfg.num_classes else None
     if weak_path is None:
         why = "" if cfg.guide_checkpoint == "none" or not cfg.num_classes else f" (no earlier epoch beside {path.name})"
-        return None, f"classifier-free guidance, w {cfg.guidance:g}{why}"
+        return None, f"classifier-free guidance{why}"
     state = load_exported(weak_path) if is_exported(weak_path) else load_checkpoint(weak_path)
     check_trained_fields(state["config"], cfg, weak_path)
     weak = build_model(cfg)
     load_weights(weak, state["ema" if use_ema else "model"], weak_path)
-    return weak.to(device).eval(), f"autoguidance by {weak_path.name}, w {cfg.guidance:g}"
+    return weak.to(device).eval(), f"autoguidance by {weak_path.name}"
+
+
+# classifier-free guidance and unguided sampling scored best with these (README, "Choosing the recipe"); eta 3 and
+# w 2.5, the Config defaults, suit autoguidance: with classifier-free guidance they cost FD and recall
+WITHOUT_AUTOGUIDANCE = {"guidance": 2.0, "eta": 1.0}
+
+
+def settings_for_guide(cfg: Config, overrides: dict, autoguided: bool) -> Config:
+    """cfg with --guidance and --eta set to what suits the guide actually used, unless the command line set them."""
+    if autoguided:
+        return cfg
+    return dataclasses.replace(cfg, **{k: v for k, v in WITHOUT_AUTOGUIDANCE.items() if k not in overrides})
 
 
 def sample_labels(cfg: Config, n: int, digit: int | None = None, all_digits: bool = False,
@@ -179,7 +191,7 @@ def sampler_spec(cfg: Config) -> str:
     """How a sampler setting is named in tables and logs: NAME-STEPS:ETA, e.g. dpmpp-10:1 or ddpm-1000."""
     if cfg.sampler == "ddpm":
         return f"ddpm-{cfg.timesteps}"
-    return f"{cfg.sampler}-{cfg.sample_steps}:{cfg.eta:g}"
+    return f"{cfg.sampler}-{cfg.sample_steps}:{min(cfg.eta, 1.0) if cfg.sampler == 'ddim' else cfg.eta:g}"
 
 
 def parse_sampler_spec(spec: str) -> dict:

@@ -12,7 +12,7 @@ from diffusion.config import Config, build_parser, config_overrides, parse_comma
 from diffusion.dataloader import to_uint8
 from diffusion.errors import UserError, run_cli
 from diffusion.generation import (generate, interpolation_noise, load_for_sampling, load_guide, sample_labels,
-                                  sampler_spec, with_solver_steps)
+                                  sampler_spec, settings_for_guide, with_solver_steps)
 from diffusion.uploads import REGIONS, digit_to_model_range, mask_keep, read_png_file, region_keep
 from diffusion.visuals import Animation, save_grid
 
@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--num-images must be positive, got {args.num_images}")
     editing = edit_inputs(args, cfg, overrides)
     if editing:
-        cfg = dataclasses.replace(cfg, **editing.pop("cfg", {}))
         labels = sample_labels(cfg, args.num_images, args.digit, unconditional=args.digit is None, device=device)
     else:
         labels = sample_labels(cfg, args.num_images, args.digit, args.all_digits, args.unconditional, cfg.seed, device)
-    cfg = with_solver_steps(cfg, labels)
+    cfg = settings_for_guide(cfg, overrides, weak is not None and labels is not None)
+    cfg = with_solver_steps(dataclasses.replace(cfg, **editing.pop("cfg", {})), labels)
     n = len(labels) if labels is not None else args.num_images
     nrow = args.num_images if args.all_digits or args.interpolate is not None else max(1, int(round(n ** 0.5)))
     output = Path(args.output or Path(cfg.out_dir) / "generated_images.png")
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         animation = Animation(cfg.timesteps if cfg.sampler == "ddpm" else cfg.sample_steps, nrow, args.gif_x0)
     x = generate(net, cfg, n, labels, device, seed=cfg.seed, callback=animation, weak=weak, **editing)
     save_grid(x, output, nrow=nrow)
-    print(f"wrote {n} images from {path} ({sampler_spec(cfg)}, {guide if labels is not None else 'no labels, no guidance'}) to {output}")
+    guidance = f"{guide}, w {cfg.guidance:g}" if labels is not None else "no labels"
+    print(f"wrote {n} images from {path} ({sampler_spec(cfg)}, {guidance}) to {output}")
     if args.npy:
         np.save(args.npy, to_uint8(x).cpu().numpy().squeeze(1) if cfg.channels == 1 else
                 to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())

@@ -156,6 +156,7 @@ def test_sampling_guides_with_the_earlier_epoch_by_default(trained, tmp_path):
             for name, flags in [("auto", []), ("none", ["--guide-checkpoint", "none"]),
                                 ("first", ["--checkpoint", str(ck / "epoch_001.pth")])]}
     assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
-    assert "autoguidance by epoch_001.pth" in runs["auto"].stdout
-    assert "classifier-free guidance" in runs["none"].stdout and "no earlier epoch" in runs["first"].stdout
+    assert ":3, autoguidance by epoch_001.pth, w 2.5)" in runs["auto"].stdout
+    assert ":1, classifier-free guidance, w 2)" in runs["none"].stdout  # the settings that suit it
+    assert "no earlier epoch" in runs["first"].stdout
     assert not np.array_equal(np.load(tmp_path / "auto.npy"), np.load(tmp_path / "none.npy"))

@@ -112,3 +112,16 @@ def test_auto_guide_is_the_epoch_at_half_the_training(tmp_path):
     assert guide_path(tmp_path / "epoch_006.pth", "auto") is None
     assert guide_path(tmp_path / "epoch_006.pth", "none") is None
     assert guide_path(tmp_path / "epoch_006.pth", str(tmp_path / "epoch_002.pth")) == tmp_path / "epoch_002.pth"
+
+
+def test_settings_suit_the_guide_unless_the_command_line_set_them():
+    """eta 3 and w 2.5 are for autoguidance; classifier-free guidance and unguided sampling get eta 1 and w 2, which
+    scored better with them; flags given on the command line always win."""
+    from diffusion.generation import settings_for_guide
+    cfg = Config()
+    assert (cfg.eta, cfg.guidance) == (3.0, 2.5)
+    assert settings_for_guide(cfg, {}, autoguided=True) == cfg
+    cfg_only = settings_for_guide(cfg, {}, autoguided=False)
+    assert (cfg_only.eta, cfg_only.guidance) == (1.0, 2.0)
+    mine = settings_for_guide(Config(eta=2.0), {"eta": 2.0}, autoguided=False)
+    assert (mine.eta, mine.guidance) == (2.0, 2.0)
