@@ -13,7 +13,7 @@ AdamW 2e-3, 200 warm-up steps then cosine to zero at the end of the budget, grad
 batch 128, same data order), so only the network and its speed differ. diffusers' UNet2DModel takes class
 labels (num_class_embeds), so it is trained with classifier-free guidance exactly like ours; lucidrains' Unet
 has no label input and is trained unconditionally. Every system is scored unconditionally; the guided
-systems are also scored with guidance w = 2 and balanced labels (the default of `python -m diffusion.sampling`).
+systems are also scored with guidance w = 2 and balanced labels (what `python -m diffusion.sampling` uses with classifier-free guidance).
 """
 from __future__ import annotations
 

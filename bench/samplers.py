@@ -16,7 +16,7 @@ from diffusion.checkpoint import resolve_checkpoint
 from diffusion.classifier import DEFAULT_PATH, load_classifier
 from diffusion.config import Config
 from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
-from diffusion.generation import generate, load_for_sampling, sample_labels
+from diffusion.generation import generate, load_for_sampling, sample_labels, settings_for_guide
 
 FAMILIES = ("dpmpp:0", "dpmpp:1", "ddim:0", "ddim:1", "ddpm")  # sampler:eta (eta 1 = stochastic, ancestral-like)
 STEPS = (5, 10, 20, 50, 100)
@@ -53,6 +53,7 @@ def main() -> None:
     path = resolve_checkpoint(args.checkpoint, Config().ckpt_dir)
     overrides = {"data_root": args.data_root, **({"guidance": args.guidance} if args.guidance is not None else {})}
     net, cfg, device = load_for_sampling(path, overrides)
+    cfg = settings_for_guide(cfg, overrides, autoguided=False)  # these tables use classifier-free guidance
     clf = load_classifier(Path(args.classifier))
     reference, floor_images, train = real_sets(cfg, args.n)
     floor = scorecard(clf, floor_images, reference, train)
