@@ -158,8 +158,9 @@ def load_guide(path: Path, cfg: Config, device: torch.device, use_ema: bool = Tr
 WITHOUT_AUTOGUIDANCE = {"guidance": 2.0, "eta": 1.0}
 
 
-def settings_for_guide(cfg: Config, overrides: dict, autoguided: bool) -> Config:
-    """cfg with --guidance and --eta set to what suits the guide actually used, unless the command line set them."""
+def settings_for_guide(cfg: Config, overrides, autoguided: bool) -> Config:
+    """cfg with --guidance and --eta set to what suits the guide actually used, unless the command line set them
+    (overrides: the names, or the dict, of the fields it set)."""
     if autoguided:
         return cfg
     return dataclasses.replace(cfg, **{k: v for k, v in WITHOUT_AUTOGUIDANCE.items() if k not in overrides})

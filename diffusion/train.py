@@ -21,7 +21,7 @@ from diffusion.config import Config, parse_interval, resolve_device
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
 from diffusion.diffusion_utils import diffusion_loss, min_snr_weights, schedule_from_config
 from diffusion.errors import UserError
-from diffusion.generation import generate
+from diffusion.generation import WITHOUT_AUTOGUIDANCE, generate, settings_for_guide
 from diffusion.logger import make_logger
 from diffusion.model import build_model
 from diffusion.visuals import save_grid, save_loss_curve
@@ -370,6 +370,10 @@ def preview_samples(net: torch.nn.Module, cfg: Config, device: torch.device) -> 
     """A fixed-seed set from the EMA weights: two per class when conditional, else 20 samples."""
     n = 20
     labels = torch.arange(n, device=device) % cfg.num_classes if cfg.num_classes else None
+    # no earlier network to autoguide with: classifier-free guidance, with its own settings where the run kept
+    # the defaults (those suit autoguidance)
+    changed = {name for name in WITHOUT_AUTOGUIDANCE if getattr(cfg, name) != getattr(Config(), name)}
+    cfg = settings_for_guide(cfg, changed, autoguided=False)
     if cfg.p_uncond == 0:  # no unconditional eps was learned, so guidance has nothing to push away from
         cfg = dataclasses.replace(cfg, guidance=1.0)
     return generate(net, cfg, n, labels, device, seed=1234, progress=False)

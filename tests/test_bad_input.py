@@ -77,6 +77,7 @@ def test_unknown_flag_is_usage_error():
     (["--guidance-interval", "5", "1"], "0 <= LO < HI"), (["--guidance-interval", "1"], "two noise levels"),
     (["--guidance-interval", "1", "x"], "invalid float value"), (["--resample", "0"], "--resample must be positive"),
     (["--min-snr-gamma", "5"], "--min-snr-gamma is a training setting"),
+    (["--guide-checkpoint", "no/such.pth"], "no/such.pth does not exist"),
 ])
 def test_bad_sampling_flags(ckpt, tmp_path, flags, needle, capsys):
     res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(ckpt), "--output", str(tmp_path / "x.png"), *flags)

@@ -125,3 +125,13 @@ def test_settings_suit_the_guide_unless_the_command_line_set_them():
     assert (cfg_only.eta, cfg_only.guidance) == (1.0, 2.0)
     mine = settings_for_guide(Config(eta=2.0), {"eta": 2.0}, autoguided=False)
     assert (mine.eta, mine.guidance) == (2.0, 2.0)
+
+
+@pytest.mark.parametrize("kwargs, want", [({}, (1.0, 2.0)), ({"eta": 0.5}, (0.5, 2.0)), ({"guidance": 3.0}, (1.0, 3.0))])
+def test_training_preview_uses_classifier_free_settings_unless_the_run_set_them(monkeypatch, kwargs, want):
+    """The per-epoch preview has no earlier network to autoguide with: eta 1 and w 2 unless the run chose others."""
+    import diffusion.train as train
+    seen = []
+    monkeypatch.setattr(train, "generate", lambda net, cfg, *a, **k: seen.append((cfg.eta, cfg.guidance)))
+    train.preview_samples(None, Config(**kwargs), torch.device("cpu"))
+    assert seen == [want]
