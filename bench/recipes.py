@@ -77,6 +77,9 @@ RECIPES.update({  # the current sampling defaults: autoguidance by epoch_001.pth
     "autoguidance-eta-1": ([], ["--eta", "1"]),
     "autoguidance-eta-1-w-2": ([], ["--eta", "1", "--guidance", "2"]),
     "cfg-w-2.5": ([], ["--guide-checkpoint", "none", "--guidance", "2.5", "--eta", "3"]),  # the defaults, without it
+    # without labels: autoguided at every noise level, w 2, eta 1, 20 steps (generation.settings_for_guide)
+    "unconditional-autoguided": ([], ["--unconditional"]),
+    "label-free-autoguided": (["--num-classes", "0"], []),
 })
 
 

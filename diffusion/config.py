@@ -110,9 +110,9 @@ class Config:
     guidance: float = setting(2.5, "guidance w in eps_g + w (eps_c - eps_g), eps_g from --guide-checkpoint or the "
                               "unconditional model; 1 = the conditional model, 0 = eps_g alone", "sampling")
     guide_checkpoint: str = setting("auto", "guide with a less trained checkpoint of the same run instead of the "
-                                    "unconditional model (autoguidance, Karras et al. 2024): auto = the epoch "
-                                    "checkpoint at half the loaded one's epochs when it is on disk, none = "
-                                    "classifier-free guidance, or a checkpoint path", "sampling")
+                                    "unconditional model (autoguidance, Karras et al. 2024; with or without "
+                                    "labels): auto = the epoch checkpoint at half the loaded one's epochs when it "
+                                    "is on disk, none = classifier-free guidance, or a checkpoint path", "sampling")
     guidance_interval: tuple[float, ...] = setting((0.15, 2.0), "guide only while the noise level sigma_t = "
                                                    "sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (LO, HI], the "
                                                    "conditional model elsewhere (Kynkaanniemi et al. 2024); guiding "

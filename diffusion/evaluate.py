@@ -202,10 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         path = resolve_checkpoint(args.checkpoint, cfg.ckpt_dir)
         net, cfg, device = load_for_sampling(path, overrides, use_ema=not args.no_ema)
         weak, guide = load_guide(path, cfg, device, use_ema=not args.no_ema)
-        autoguided = weak is not None and not args.unconditional
-        cfg = settings_for_guide(cfg, overrides, autoguided)
-        if not autoguided:
-            guide = "no labels" if args.unconditional or not cfg.num_classes else "classifier-free guidance"
+        labelled = cfg.num_classes > 0 and not args.unconditional
+        cfg = settings_for_guide(cfg, overrides, weak is not None, labelled)
+        if weak is None:
+            guide = "classifier-free guidance" if labelled else "no labels, no guidance"
         print(f"sampling {path} with {guide}, w {cfg.guidance:g}, eta {cfg.eta:g}", file=sys.stderr)
         images = sample_for_scoring(net, cfg, device, args.n, args.digit, args.unconditional, weak=weak)
     card, floor = evaluate(images, cfg, Path(args.classifier), args.digit)

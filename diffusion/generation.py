@@ -3,6 +3,7 @@ preview and the benchmarks. Loads a checkpoint for sampling, picks labels, runs 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -141,11 +142,11 @@ def guide_path(path: Path, setting: str) -> Path | None:
 
 def load_guide(path: Path, cfg: Config, device: torch.device, use_ema: bool = True) -> tuple[UNet | None, str]:
     """(the weaker network that guides sampling from `path`, or None for classifier-free guidance; one line
-    saying which). Only a labelled model is guided this way: without labels there is nothing to guide."""
-    weak_path = guide_path(path, cfg.guide_checkpoint) if cfg.num_classes else None
+    saying which)."""
+    weak_path = guide_path(path, cfg.guide_checkpoint)
     if weak_path is None:
-        why = "" if cfg.guide_checkpoint == "none" or not cfg.num_classes else f" (no earlier epoch beside {path.name})"
-        return None, f"classifier-free guidance{why}"
+        why = "" if cfg.guide_checkpoint == "none" else f" (no earlier epoch beside {path.name})"
+        return None, f"classifier-free guidance{why}" if cfg.num_classes else f"no guidance{why}"
     state = load_exported(weak_path) if is_exported(weak_path) else load_checkpoint(weak_path)
     check_trained_fields(state["config"], cfg, weak_path)
     weak = build_model(cfg)
@@ -153,17 +154,20 @@ def load_guide(path: Path, cfg: Config, device: torch.device, use_ema: bool = Tr
     return weak.to(device).eval(), f"autoguidance by {weak_path.name}"
 
 
-# classifier-free guidance and unguided sampling scored best with these (README, "Choosing the recipe"); eta 3 and
-# w 2.5, the Config defaults, suit autoguidance: with classifier-free guidance they cost FD and recall
+# what scored best per guide (README, "Choosing the recipe"). The Config defaults (w 2.5 at 0.15 < sigma <= 2, eta 3)
+# suit autoguided labelled sampling; with classifier-free guidance they cost FD and recall, and sampling without
+# labels did best autoguided at every noise level
 WITHOUT_AUTOGUIDANCE = {"guidance": 2.0, "eta": 1.0}
+AUTOGUIDED_WITHOUT_LABELS = {"guidance": 2.0, "eta": 1.0, "guidance_interval": (0.0, math.inf)}
 
 
-def settings_for_guide(cfg: Config, overrides, autoguided: bool) -> Config:
-    """cfg with --guidance and --eta set to what suits the guide actually used, unless the command line set them
-    (overrides: the names, or the dict, of the fields it set)."""
-    if autoguided:
+def settings_for_guide(cfg: Config, overrides, autoguided: bool, labelled: bool = True) -> Config:
+    """cfg with --guidance, --eta (and without labels --guidance-interval) set to what suits the guide actually
+    used, unless the command line set them (overrides: the names, or the dict, of the fields it set)."""
+    if autoguided and labelled:
         return cfg
-    return dataclasses.replace(cfg, **{k: v for k, v in WITHOUT_AUTOGUIDANCE.items() if k not in overrides})
+    settings = AUTOGUIDED_WITHOUT_LABELS if autoguided else WITHOUT_AUTOGUIDANCE
+    return dataclasses.replace(cfg, **{k: v for k, v in settings.items() if k not in overrides})
 
 
 def sample_labels(cfg: Config, n: int, digit: int | None = None, all_digits: bool = False,

@@ -162,17 +162,19 @@ def guided(net: torch.nn.Module, labels: torch.Tensor | None, w: float, null_lab
     at the highest noise levels pulls every sample of a label towards one mode and costs variety.
 
     weak, a less trained network of the same run, replaces the unconditional model (autoguidance, Karras et
-    al. 2024): eps_weak + w (eps_c - eps_weak), both given the labels. It pushes away from the errors that
-    training was still removing rather than from other classes, so it sharpens without making digits alike.
+    al. 2024): eps_weak + w (eps - eps_weak), both given the same labels (or none). It pushes away from the
+    errors that training was still removing rather than from other classes, so it sharpens without making
+    digits alike, and it also guides sampling without labels.
     """
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         null = torch.full((x.shape[0],), null_label, device=x.device, dtype=torch.long)
-        if labels is None or (w == 0 and weak is None):
+        y = null if labels is None else labels
+        if weak is None and (labels is None or w == 0):
             return net(x, t, null)
         if w == 1 or (guide_t is not None and not guide_t[0] <= int(t[0]) <= guide_t[1]):
-            return net(x, t, labels)
+            return net(x, t, y)
         if weak is not None:
-            eps_c, eps_u = net(x, t, labels).float(), weak(x, t, labels).float()
+            eps_c, eps_u = net(x, t, y).float(), weak(x, t, y).float()
         else:
             eps_c, eps_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
         return eps_u + w * (eps_c - eps_u)  # in float32 even under bf16 autocast: w amplifies rounding

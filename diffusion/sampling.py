@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         labels = sample_labels(cfg, args.num_images, args.digit, unconditional=args.digit is None, device=device)
     else:
         labels = sample_labels(cfg, args.num_images, args.digit, args.all_digits, args.unconditional, cfg.seed, device)
-    cfg = settings_for_guide(cfg, overrides, weak is not None and labels is not None)
+    cfg = settings_for_guide(cfg, overrides, weak is not None, labelled=labels is not None)
     cfg = with_solver_steps(dataclasses.replace(cfg, **editing.pop("cfg", {})), labels)
     n = len(labels) if labels is not None else args.num_images
     nrow = args.num_images if args.all_digits or args.interpolate is not None else max(1, int(round(n ** 0.5)))
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
         animation = Animation(cfg.timesteps if cfg.sampler == "ddpm" else cfg.sample_steps, nrow, args.gif_x0)
     x = generate(net, cfg, n, labels, device, seed=cfg.seed, callback=animation, weak=weak, **editing)
     save_grid(x, output, nrow=nrow)
-    guidance = f"{guide}, w {cfg.guidance:g}" if labels is not None else "no labels"
+    guidance = f"{guide}, w {cfg.guidance:g}" + ("" if labels is not None else ", no labels")
+    if labels is None and weak is None:
+        guidance = "no labels, no guidance"
     print(f"wrote {n} images from {path} ({sampler_spec(cfg)}, {guidance}) to {output}")
     if args.npy:
         np.save(args.npy, to_uint8(x).cpu().numpy().squeeze(1) if cfg.channels == 1 else

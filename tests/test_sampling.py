@@ -1,4 +1,6 @@
 """Which labels `python -m diffusion.sampling` guides with."""
+import math
+
 import pytest
 import torch
 
@@ -73,8 +75,8 @@ def test_sampling_precision_is_timed_at_the_plain_batch(monkeypatch):
 
 @pytest.mark.parametrize("labelled", [True, False])
 def test_generate_asks_the_weak_network_at_the_guided_steps_only(labelled):
-    """With a weak network (autoguidance) the default sampler asks it at the 2 guided steps of 10, with the labels,
-    and never without labels; the main network runs at every step."""
+    """With a weak network (autoguidance) the default sampler asks it at the 2 guided steps of 10, with the labels;
+    without labels (settings_for_guide: every noise level, 20 steps) at all 20, with the null label."""
     from diffusion.generation import generate
     calls = {"net": [], "weak": []}
 
@@ -87,10 +89,11 @@ def test_generate_asks_the_weak_network_at_the_guided_steps_only(labelled):
             calls[self.name].append(y.tolist())
             return torch.zeros_like(x)
 
+    from diffusion.generation import settings_for_guide
     labels = torch.arange(4) if labelled else None
-    cfg = Config(amp="none", memory_format="contiguous")
+    cfg = settings_for_guide(Config(amp="none", memory_format="contiguous"), {}, autoguided=True, labelled=labelled)
     generate(Spy("net"), cfg, 4, labels, torch.device("cpu"), progress=False, weak=Spy("weak"))
-    assert calls["weak"] == ([[0, 1, 2, 3]] * 2 if labelled else [])
+    assert calls["weak"] == ([[0, 1, 2, 3]] * 2 if labelled else [[10] * 4] * 20)
     assert len(calls["net"]) == (10 if labelled else 20)
 
 
@@ -125,6 +128,8 @@ def test_settings_suit_the_guide_unless_the_command_line_set_them():
     assert (cfg_only.eta, cfg_only.guidance) == (1.0, 2.0)
     mine = settings_for_guide(Config(eta=2.0), {"eta": 2.0}, autoguided=False)
     assert (mine.eta, mine.guidance) == (2.0, 2.0)
+    unlabelled = settings_for_guide(cfg, {}, autoguided=True, labelled=False)  # autoguided at every noise level
+    assert (unlabelled.eta, unlabelled.guidance, unlabelled.guidance_interval) == (1.0, 2.0, (0.0, math.inf))
 
 
 @pytest.mark.parametrize("kwargs, want", [({}, (1.0, 2.0)), ({"eta": 0.5}, (0.5, 2.0)), ({"guidance": 3.0}, (1.0, 3.0))])
