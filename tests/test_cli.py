@@ -160,3 +160,19 @@ def test_sampling_guides_with_the_earlier_epoch_by_default(trained, tmp_path):
     assert ":1, classifier-free guidance, w 2)" in runs["none"].stdout  # the settings that suit it
     assert "no earlier epoch" in runs["first"].stdout
     assert not np.array_equal(np.load(tmp_path / "auto.npy"), np.load(tmp_path / "none.npy"))
+
+
+def test_exported_pair_reproduces_the_autoguided_default(trained, tmp_path):
+    """An exported folder holds one network; exporting the earlier epoch too and naming it with --guide-checkpoint
+    gives exactly the images that the checkpoint folder's default (auto) guide gives."""
+    ck = trained[0] / "ck"
+    for epoch in (1, 2):
+        res = run_cli("diffusion.export", str(tmp_path / f"e{epoch}"), "--checkpoint", str(ck / f"epoch_00{epoch}.pth"))
+        assert res.returncode == 0, res.stderr
+    pair = run_cli("diffusion.sampling", "--checkpoint", str(tmp_path / "e2"), "--guide-checkpoint", str(tmp_path / "e1"),
+                   "--num-images", "4", "--output", str(tmp_path / "pair.png"), "--npy", str(tmp_path / "pair.npy"))
+    auto = run_cli("diffusion.sampling", "--ckpt-dir", str(ck), "--num-images", "4",
+                   "--output", str(tmp_path / "auto.png"), "--npy", str(tmp_path / "auto.npy"))
+    assert pair.returncode == 0 and auto.returncode == 0, pair.stderr + auto.stderr
+    assert "autoguidance by e1" in pair.stdout
+    assert np.array_equal(np.load(tmp_path / "pair.npy"), np.load(tmp_path / "auto.npy"))
