@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", default=False, help="print JSON instead of a table")
     args = parse_command_line(parser, "evaluate", argv)
     overrides = config_overrides(args)
+    if "data_root" not in overrides and "DIFFUSION_DATA_ROOT" in os.environ:
+        overrides["data_root"] = os.environ["DIFFUSION_DATA_ROOT"]  # this machine's data, not the training machine's
     cfg = Config(**{**Config().to_dict(), **overrides})
     if args.samples:
         images = load_samples(Path(args.samples))

@@ -125,3 +125,13 @@ def test_classifier_accuracy_function(classifier, data_root):
     test, labels = load_images(Config(data_root=str(data_root)), train=False)
     assert accuracy(classifier, test[:500], labels[:500]) > 0.8
     assert DigitCNN().embed(torch.zeros(2, 1, 28, 28)).shape == (2, 128)
+
+
+def test_scorecard_reads_this_machines_data_root_from_the_environment(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """A checkpoint stores the data folder of the machine that trained it; DIFFUSION_DATA_ROOT (or --data-root)
+    names this machine's, and wins."""
+    from tests.conftest import run_inprocess
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("DIFFUSION_DATA_ROOT", str(elsewhere))
+    res = run_inprocess(capsys, "diffusion.evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--no-download")
+    assert res.returncode != 0 and str(elsewhere) in res.stderr
