@@ -130,8 +130,12 @@ def test_classifier_accuracy_function(classifier, data_root):
 def test_scorecard_reads_this_machines_data_root_from_the_environment(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """A checkpoint stores the data folder of the machine that trained it; DIFFUSION_DATA_ROOT (or --data-root)
     names this machine's, and wins."""
+    import diffusion.evaluate as evaluate_module
     from tests.conftest import run_inprocess
-    elsewhere = tmp_path / "elsewhere"
-    monkeypatch.setenv("DIFFUSION_DATA_ROOT", str(elsewhere))
-    res = run_inprocess(capsys, "diffusion.evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--no-download")
-    assert res.returncode != 0 and str(elsewhere) in res.stderr
+    seen = []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda images, cfg, *a, **k: seen.append(cfg.data_root) or ({}, {}))
+    elsewhere = str(tmp_path / "elsewhere")
+    monkeypatch.setenv("DIFFUSION_DATA_ROOT", elsewhere)
+    res = run_inprocess(capsys, "diffusion.evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    assert seen == [elsewhere]
