@@ -42,7 +42,7 @@ class Demo:
     def __init__(self, path: Path, overrides: dict):
         self.path = path
         self.net, self.cfg, self.device = load_for_sampling(path, overrides)
-        self.weak, self.guide = load_guide(path, self.cfg, self.device)
+        self.weak, _ = load_guide(path, self.cfg, self.device)
         self.cfg = settings_for_guide(self.cfg, overrides, self.weak is not None, labelled=self.cfg.num_classes > 0)
         self.lock = threading.Lock()
 
