@@ -22,13 +22,15 @@ from diffusion.checkpoint import resolve_checkpoint
 from diffusion.classifier import DEFAULT_PATH, accuracy, load_classifier
 from diffusion.config import Config, build_parser, config_overrides
 from diffusion.dataloader import load_images, to_uint8, to_unit_range
-from diffusion.generation import generate, load_for_sampling, load_guide
+from diffusion.generation import generate, load_for_sampling, load_guide, settings_for_guide
 from diffusion.uploads import region_keep
 from diffusion.visuals import save_grid
 
 
 def complete(net, cfg, device, digits: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor | None,
-             weak=None) -> torch.Tensor:
+             weak=None, overrides: dict | None = None) -> torch.Tensor:
+    """Completions as `python -m diffusion.sampling --inpaint` makes them, guide settings included."""
+    cfg = settings_for_guide(cfg, overrides or {}, weak is not None, labelled=labels is not None)
     known = to_unit_range(digits)
     return to_uint8(generate(net, cfg, len(digits), labels, device, seed=cfg.seed, known=known, keep=keep,
                              weak=weak)).cpu()
@@ -61,7 +63,8 @@ def main() -> None:
         row = {"masked image alone": accuracy(classifier, masked, labels)}
         for name, guide in (("completed, no label", None), (f"completed, guided to the true label (w = {cfg.guidance:g})", labels)):
             start = time.perf_counter()
-            filled = complete(net, cfg, device, digits, keep, None if guide is None else guide.to(device), weak)
+            filled = complete(net, cfg, device, digits, keep, None if guide is None else guide.to(device), weak,
+                              overrides)
             row[name] = accuracy(classifier, filled, labels)
             row[name + " seconds"] = round(time.perf_counter() - start, 1)
             if guide is None:
