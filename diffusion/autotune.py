@@ -4,8 +4,9 @@ Which is fastest depends on the machine: bf16 autocast trained 1.6x faster than 
 and 1.9x slower on one Intel Xeon, channels_last helps some CPUs by 10% and slows others, and on an H100 the
 small default U-Net trained faster in fp32 than in bf16 (its step is bound by kernel launches, which
 autocast's casts add to). So with --amp auto / --memory-format auto on a CPU or a CUDA GPU, a few steps of
-each candidate are timed at start-up, the fastest wins, and the answer is cached per CPU or GPU model, torch
-version, threads and model configuration.
+each candidate are timed at start-up, the fastest wins, and the answer is cached per CPU or GPU model, the CPU's
+vector instructions (a bf16 step on a CPU without native bf16 is emulated), torch version, threads and model
+configuration. setup_runtime is the one place where training and sampling get their Runtime.
 """
 from __future__ import annotations
 
@@ -15,25 +16,32 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from diffusion.diffusion_utils import diffusion_loss, make_schedule
+from diffusion.runtime import Precision, Runtime, resolve_device
 
 # what decides the speed of a step, besides the machine
 SPEED_FIELDS = ("image_size", "channels", "num_classes", "base_channels", "channel_mults", "num_res_blocks",
                 "attention_resolutions")
 
 
-@dataclass(frozen=True)
-class Precision:
-    bf16: bool  # autocast to bfloat16
-    channels_last: bool  # memory format of the convolutions' inputs and weights
-
-    def describe(self) -> str:
-        return f"{'bf16' if self.bf16 else 'fp32'} + {'channels_last' if self.channels_last else 'NCHW'}"
+def setup_runtime(cfg, model_cfg, model: torch.nn.Module, purpose: str, batch: int, *,
+                  device: torch.device | None = None, world: int = 1, verbose: bool = True) -> Runtime:
+    """The Runtime for `purpose` ('train' or 'sample') of `model`: the device (given, or from --device), threads,
+    TF32 on CUDA, and bf16 / memory format timed on this machine. The ranks of a torchrun job would time
+    differently, so they take the first candidate instead of measuring."""
+    device = device or resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":  # TF32 matmuls and convolutions: ~free speed, ample precision for this network
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        return Runtime(device, candidates(cfg, device)[0])
+    return Runtime(device, choose_precision(cfg, model_cfg, device, model, purpose, batch, verbose))
 
 
 def candidates(cfg, device: torch.device) -> list[Precision]:
@@ -46,17 +54,17 @@ def candidates(cfg, device: torch.device) -> list[Precision]:
     return [Precision(b, c) for b in bf16s for c in lasts]
 
 
-def choose_precision(cfg, device: torch.device, model: torch.nn.Module, purpose: str, batch: int,
+def choose_precision(cfg, model_cfg, device: torch.device, model: torch.nn.Module, purpose: str, batch: int,
                      verbose: bool = True) -> Precision:
     """The fastest candidate for `purpose` ('train' or 'sample'), measured once per machine and cached."""
     options = candidates(cfg, device)
     if len(options) == 1:
         return options[0]
-    key = cache_key(cfg, device, purpose, batch)
+    key = cache_key(model_cfg, device, purpose, batch)
     cache = read_cache()
     if key in cache:
         return Precision(**cache[key]["choice"])
-    seconds = time_candidates(model, cfg, device, options, purpose, batch)
+    seconds = time_candidates(model, model_cfg, device, options, purpose, batch)
     best = min(seconds, key=seconds.get)
     write_cache(key, {"choice": best.__dict__, "seconds": {p.describe(): round(s, 4) for p, s in seconds.items()}})
     if verbose:
@@ -89,16 +97,15 @@ def time_candidates(model: torch.nn.Module, cfg, device: torch.device, options: 
 
 def make_step(model: torch.nn.Module, cfg, device: torch.device, precision: Precision, purpose: str, batch: int):
     """One training step (forward + backward of the loss) or one sampling forward pass, on a copy of the model."""
-    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
-    net = copy.deepcopy(model).to(device).to(memory_format=memory_format)
-    x0 = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, device=device)
-    x0 = x0.contiguous(memory_format=memory_format)
+    runtime = Runtime(device, precision)
+    net = runtime.prepare(copy.deepcopy(model))
+    x0 = runtime.batch(torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size))
     labels = torch.zeros(batch, dtype=torch.long, device=device) if cfg.num_classes else None
     schedule = make_schedule("linear", 1000).to(device)
     t = torch.full((batch,), 500, device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.bf16):
+        with runtime.autocast():
             if purpose == "train":
                 net.zero_grad(set_to_none=True)
                 diffusion_loss(lambda xt, tt: net(xt, tt, labels), x0, schedule).backward()
@@ -122,9 +129,20 @@ def machine_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
+def cpu_features() -> str:
+    """What decides bf16's speed on a CPU besides its name: the vector instructions torch uses and native bf16."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return f"{torch.backends.cpu.get_cpu_capability()}{' ' + ' '.join(native) if native else ''}"
+
+
 def cache_key(cfg, device: torch.device, purpose: str, batch: int) -> str:
     model = ", ".join(f"{name}={getattr(cfg, name)}" for name in SPEED_FIELDS)
-    return (f"{machine_name(device) if device.type in ('cpu', 'cuda') else device.type} | torch {torch.__version__} | "
+    machine = f"{cpu_name()} [{cpu_features()}]" if device.type == "cpu" else machine_name(device)
+    return (f"{machine if device.type in ('cpu', 'cuda') else device.type} | torch {torch.__version__} | "
             f"threads {torch.get_num_threads()} | {purpose} batch {batch} | {model}")
 
 

@@ -1,25 +1,38 @@
-"""Checkpoints written atomically and loaded without executing code.
+"""Checkpoints and exported folders: written whole or not at all, read without executing code.
 
-Write: temporary file in the same folder, flush + fsync, os.replace (atomic on POSIX), then
-the same for the `latest` pointer. A crash at any moment leaves every finished checkpoint whole.
-Read: torch.load(weights_only=True), which refuses pickles that would build arbitrary objects.
+Write: temporary file in the same folder, flush + fsync, os.replace (atomic on POSIX), then the same for the
+`latest` pointer. A crash at any moment leaves every finished checkpoint whole. An exported folder is written
+beside its destination and swapped in, so a kill leaves the old model, the new one, or a folder that is refused.
+Read: torch.load(weights_only=True), which refuses pickles that would build arbitrary objects, and safetensors.
+
+A checkpoint holds the weights, what training fixes (`model_config`: the network's shape, its noise schedule and
+labels) and what --resume needs; never sampling or runtime settings, which belong to whoever samples.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from diffusion.config import trained_fields
+from diffusion.config import ModelConfig, build
 from diffusion.errors import UserError
+from diffusion.model import UNet, build_model
 
 LATEST = "latest"  # a text file holding the name of the newest checkpoint
-REQUIRED_KEYS = ("model", "ema", "config", "epoch", "step")
-FORMAT = 2  # 2: linear betas scaled by 1000 / T (format 1 used 1e-4..0.02 for every T)
+FORMAT = 3  # 3: model_config apart from training settings; 2: one flat config; 1: linear betas not scaled to T
+REQUIRED_KEYS = ("model", "ema", "epoch", "step")
+WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.pth"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -50,6 +63,15 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Fail before work starts, not after, when `folder` cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise UserError(f"{what} {folder} is not a writable folder ({err.strerror or err})") from None
 
 
 def save_checkpoint(state: dict, path: Path, keep_last: int = 0) -> None:
@@ -88,22 +110,21 @@ def find_latest(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Path:
-    """find_latest, with a clear error when the folder holds no checkpoint."""
-    found = find_latest(ckpt_dir)
+def resolve_checkpoint(checkpoint: str | Path | None, ckpt_dir: str | Path) -> Path:
+    """--checkpoint PATH when given (DIR/model.safetensors means the exported folder DIR), else the latest
+    checkpoint in --ckpt-dir."""
+    if checkpoint:
+        path = Path(checkpoint)
+        return path.parent if path.name in (WEIGHTS, CONFIG) else path
+    found = find_latest(Path(ckpt_dir))
     if found is None:
         raise UserError(f"no checkpoint in {ckpt_dir}; train first with `python -m diffusion.main` "
                         "or pass --checkpoint PATH")
     return found
 
 
-def resolve_checkpoint(checkpoint: str | Path | None, ckpt_dir: str | Path) -> Path:
-    """--checkpoint PATH when given, else the latest checkpoint in --ckpt-dir."""
-    return Path(checkpoint) if checkpoint else latest_checkpoint(Path(ckpt_dir))
-
-
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint safely (weights_only=True); one-line errors for missing, corrupt or foreign files."""
+def read_torch_file(path: Path, device: torch.device | str = "cpu") -> dict:
+    """torch.load(weights_only=True) with one-line errors for missing, corrupt or foreign files."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
@@ -117,34 +138,160 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
                         f"(weights_only=True rejected it: {first})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                        f"{str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__}") from None
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        raise UserError(f"{path} is not a checkpoint of this project (expected keys {', '.join(REQUIRED_KEYS)})")
-    saved = state["config"]
+                        f"{_first_line(err)}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a checkpoint of this project")
+    return state
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A training checkpoint of this project, any format, read safely."""
+    state = read_torch_file(path, device)
+    if any(k not in state for k in REQUIRED_KEYS) or not ("model_config" in state or "config" in state):
+        raise UserError(f"{path} is not a checkpoint of this project (expected keys "
+                        f"{', '.join(REQUIRED_KEYS)} and model_config)")
+    saved = state.get("config", {})
     if state.get("format", 1) < 2 and saved.get("schedule") == "linear" and saved.get("timesteps") != 1000:
         raise UserError(f"{path} was trained by an earlier version with an unscaled linear schedule at "
                         f"T = {saved.get('timesteps')}, whose x_T is not pure noise; retrain it with this version")
     return state
 
 
-def check_trained_fields(saved: dict, cfg, path: Path) -> None:
-    """One line naming the first field fixed by training where a checkpoint and the config disagree."""
-    for name in trained_fields():  # the architecture, and the noise schedule whose alpha_bar it learned
-        mine, theirs = getattr(cfg, name), saved.get(name)
-        if isinstance(theirs, list):
-            theirs = tuple(theirs)
-        if theirs is not None and mine != theirs:
-            flag = "--" + name.replace("_", "-")
+def model_config(state: dict, where: Path | str) -> ModelConfig:
+    """What training fixed, from a checkpoint or exported config of any format. Format 2 kept one flat dict of
+    every setting: its model fields are taken, and whether eps without a label was learned follows p_uncond."""
+    if "model_config" in state:
+        values = state["model_config"]
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: model_config must be a table of settings")
+        return build(ModelConfig, values, str(where))
+    flat = state.get("config")
+    if not isinstance(flat, dict):
+        raise UserError(f"{where} has no model_config")
+    names = {f.name for f in fields(ModelConfig)} - {"learned_unconditional"}
+    values = {k: v for k, v in flat.items() if k in names}
+    values["learned_unconditional"] = values.get("num_classes", 10) == 0 or flat.get("p_uncond", 0.1) > 0
+    return build(ModelConfig, values, str(where))
+
+
+def check_same_model(saved: ModelConfig, asked: ModelConfig, path: Path) -> None:
+    """One line naming the first setting fixed by training where a checkpoint and the request disagree."""
+    for f in fields(ModelConfig):
+        theirs, mine = getattr(saved, f.name), getattr(asked, f.name)
+        if theirs != mine:
+            flag = "--" + f.name.replace("_", "-")
             value = " ".join(map(str, theirs)) if isinstance(theirs, tuple) else theirs
             raise UserError(f"{path} was trained with {flag} {value}, but {mine!r} was asked for: the network only "
                             f"knows what it was trained on; give {flag} {value} or leave it out, or use another checkpoint")
 
 
 def load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:
-    """load_state_dict with a one-line error when the architecture does not match."""
+    """load_state_dict after checking names, shapes and dtypes against the module, and that every weight is finite."""
+    expected = module.state_dict()
+    if not isinstance(weights, dict) or weights.keys() != expected.keys():
+        missing = sorted(set(expected) - set(weights or {}))[:3] if isinstance(weights, dict) else []
+        raise UserError(f"{path} was saved from a different architecture than its config builds"
+                        f"{' (missing ' + ', '.join(missing) + ')' if missing else ''}")
+    for name, value in weights.items():
+        if not isinstance(value, torch.Tensor) or value.shape != expected[name].shape:
+            raise UserError(f"{path}: weight {name} has shape {tuple(getattr(value, 'shape', ()))}, the config "
+                            f"builds {tuple(expected[name].shape)}")
+        if value.dtype != expected[name].dtype:
+            raise UserError(f"{path}: weight {name} is {value.dtype}, the network holds {expected[name].dtype}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f"{path}: weight {name} holds NaN or infinite values; this model cannot sample")
+    module.load_state_dict(weights)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A network ready to sample, what training fixed for it, and which epoch it is (None: an exported folder)."""
+    net: UNet
+    config: ModelConfig
+    path: Path
+    epoch: int | None
+
+
+def load_network(path: Path, use_ema: bool = True) -> Loaded:
+    """Rebuild the U-Net from a checkpoint's or exported folder's model_config and load its (EMA) weights."""
+    path = Path(path)
+    if is_exported(path):
+        if not use_ema:
+            raise UserError(f"{path} is an exported model, which holds only the EMA weights; drop --no-ema")
+        config, weights, epoch = read_exported(path)
+    else:
+        state = load_checkpoint(path)
+        config, weights, epoch = model_config(state, path), state["ema" if use_ema else "model"], state["epoch"]
+    net = build_model(config)
+    load_weights(net, weights, path)
+    return Loaded(net.eval(), config, path, epoch)
+
+
+# --- exported folders: model.safetensors + config.json, no pickle at all (the Hugging Face convention) ---
+
+def is_exported(path: Path) -> bool:
+    """Whether `path` is meant as an exported folder (a folder that is not a checkpoint file)."""
+    return Path(path).is_dir()
+
+
+def read_exported(folder: Path) -> tuple[ModelConfig, dict, None]:
+    """(model_config, EMA weights, None) from an exported folder, every value checked before anything is built."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    missing = [name for name in (CONFIG, WEIGHTS) if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{folder} is not an exported model: it has no {' and no '.join(missing)} "
+                        f"(write one with `python -m diffusion.export {folder}`)")
     try:
-        module.load_state_dict(weights)
-    except RuntimeError as err:
-        detail = str(err).strip().splitlines()
-        raise UserError(f"{path} was saved from a different architecture or image size than the config "
-                        f"builds ({detail[1].strip()[:160] if len(detail) > 1 else detail[0][:160]})") from None
+        meta = json.loads((folder / CONFIG).read_text(encoding="utf-8")[:1_000_000])
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise UserError(f"{folder / CONFIG} is not valid JSON ({_first_line(err)})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{folder / CONFIG} must hold a JSON object")
+    config = model_config(meta, folder / CONFIG)
+    try:
+        weights = load_file(folder / WEIGHTS)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{folder / WEIGHTS} is not a readable safetensors file ({_first_line(err)})") from None
+    return config, weights, None
+
+
+def export(checkpoint: Path, folder: Path) -> None:
+    """Write the checkpoint's EMA weights and model_config to `folder`, replacing any folder there as a whole."""
+    from safetensors.torch import save
+
+    state = load_checkpoint(checkpoint)
+    config = model_config(state, checkpoint)
+    weights = {k: v.detach().cpu().contiguous() for k, v in state["ema"].items()}
+    meta = {"format": FORMAT, "epoch": state["epoch"], "step": state["step"], "model_config": config.to_dict()}
+    folder = Path(folder)
+    if folder.exists() and not is_exported(folder):
+        raise UserError(f"{folder} exists and is not a folder; choose another name")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / CONFIG).is_file():
+        raise UserError(f"{folder} holds other files; export into a new or an exported folder")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        new = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new."))
+        _atomic_write(new / WEIGHTS, lambda f: f.write(save(weights, metadata={"format": str(FORMAT)})))
+        _atomic_write(new / CONFIG, lambda f: f.write(json.dumps(meta, indent=1).encode() + b"\n"))
+        _swap_in(new, folder)
+    except OSError as err:
+        raise UserError(f"could not write {folder}: {err.strerror or err}; any earlier export there is unchanged") from None
+
+
+def _swap_in(new: Path, folder: Path) -> None:
+    """Replace `folder` by `new`: the old folder is renamed aside first, so at every moment one whole model is there."""
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_folder(folder.parent)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:160] if text else type(err).__name__

@@ -1,194 +1,274 @@
-"""One Config dataclass for every hyper-parameter, overridable from the command line."""
+"""The settings, split by who owns them, each field carrying its help sentence, type and allowed range.
+
+ModelConfig   what training fixes: the network's shape, the noise schedule, the labels. Checkpoints store it;
+              sampling rebuilds the network from it and from nothing else.
+DataConfig    which images training reads.
+TrainConfig   how training runs.
+SampleConfig  how images are drawn. A field left at None was not asked for: diffusion/recipe.py then picks the
+              value that suits the guide, the labels and the task, so each default lives in one place.
+RuntimeConfig where and how anything runs: device, precision, threads, seed, folders.
+
+Every value, whether it comes from a flag, an exported config.json or a request to the demo page, goes through
+the same check (`check_value`): its type, finiteness and range, with one readable line naming the flag.
+"""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
 
-import torch
-
 from diffusion.diffusion_utils import final_alpha_bar
 from diffusion.errors import UserError
-from diffusion.logger import LOGGERS
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 DATASETS = ("mnist", "fashion-mnist", "folder")
 AMP_MODES = ("auto", "bf16", "none")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+LOGGERS = ("none", "tensorboard")
+GUIDE_SETTINGS = ("auto", "none")  # or a checkpoint path
 MAX_FINAL_ALPHA_BAR = 1e-2  # x_T must be this close to N(0, I): samplers start there
+MAX_SEED = 2**62  # chunk k of a sampling run uses seed + k * 1_000_003, which must stay a valid 64-bit seed
+MAX_IMAGES = 100_000  # per sampling command or request: a bound on the work one command line can ask for
 
 
-GROUPS = {  # argument groups, in --help order
-    "data": "data",
-    "model": "model: the U-Net (fixed by training)",
-    "diffusion": "diffusion: the noise schedule (fixed by training)",
-    "training": "training",
-    "sampling": "sampling (also used for the per-epoch preview)",
-    "runtime": "where and how it runs",
-}
-
-
-def setting(default, help: str, group: str, *, choices: tuple[str, ...] | None = None, trained: bool = False,
-            factory=None):
-    """A Config field that carries its own help sentence, group, allowed values and whether training fixes it."""
-    meta = {"help": help, "group": group, "choices": choices, "trained": trained}
+def setting(default, help: str, *, kind: type | None = None, item: type | None = None, choices=None,
+            low=None, high=None, above=None, flag: bool = True, alias: str | None = None, factory=None):
+    """A config field that carries its own help sentence, type, allowed values and range (low <= v <= high,
+    above < v). `flag=False` keeps it off the command line; `alias` is a second flag name."""
+    meta = {"help": help, "kind": kind or type(default if factory is None else factory()), "item": item,
+            "choices": choices, "low": low, "high": high, "above": above, "flag": flag, "alias": alias}
     return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
 
 
-@dataclass
-class Config:
-    # --- data ---
-    dataset: str = setting("mnist", "which images to train on: MNIST, Fashion-MNIST, or an ImageFolder tree "
-                           "(one sub-folder per class) at --data-root", "data", choices=DATASETS)
-    data_root: str = setting(None, "folder holding MNIST/raw (or FashionMNIST/raw, or the ImageFolder tree)", "data",
-                             factory=lambda: os.environ.get("DIFFUSION_DATA_ROOT", "data"))
-    download: bool = setting(True, "download MNIST / Fashion-MNIST into --data-root when missing (needs internet)",
-                             "data")
-    limit_train: int = setting(0, "train on the first N images only, for quick runs (0 = all)", "data")
-    image_size: int = setting(28, "image side in pixels, set from the dataset; must divide by 2**(levels - 1)",
-                              "model", trained=True)
-    channels: int = setting(1, "image channels, set from the dataset", "model", trained=True)
-    num_classes: int = setting(10, "labels for guidance, set from the dataset; 0 trains an unconditional model",
-                               "model", trained=True)
-    # --- diffusion (Ho et al. 2020, Sec. 4) ---
-    timesteps: int = setting(1000, "T, the number of noise levels", "diffusion", trained=True)
-    schedule: str = setting("linear", "betas: linear (Ho et al.) or cosine (Nichol & Dhariwal 2021)", "diffusion",
-                            choices=SCHEDULES, trained=True)
-    beta_start: float = setting(1e-4, "first beta of the linear schedule at T = 1000 (scaled by 1000 / T)",
-                                "diffusion", trained=True)
-    beta_end: float = setting(0.02, "last beta of the linear schedule at T = 1000 (scaled by 1000 / T)",
-                              "diffusion", trained=True)
-    # --- model: U-Net at 28 -> 14 -> 7 ---
-    base_channels: int = setting(32, "U-Net width at full resolution, where convolutions cost the most; "
-                                 "a multiple of 8", "model", trained=True)
-    channel_mults: tuple[int, ...] = setting(None, "width multipliers per level (1 2 2 = 32/64/64 at 28/14/7)",
-                                             "model", trained=True, factory=lambda: (1, 2, 2))
-    num_res_blocks: int = setting(1, "residual blocks per level; one is 1.4x faster than two at equal quality here",
-                                  "model", trained=True)
-    attention_resolutions: tuple[int, ...] = setting(None, "resolutions with self-attention (only where it is cheap)",
-                                                     "model", trained=True, factory=lambda: (7,))
-    dropout: float = setting(0.0, "dropout in the residual blocks; a few epochs do not overfit 60k digits",
-                             "training")
-    # --- training ---
-    epochs: int = setting(2, "passes over the training set (7 to 12 minutes on a 2-core CPU with the defaults)",
-                          "training")
-    minutes: float = setting(0.0, "train for this many minutes instead of --epochs, with the learning rate "
-                             "decaying to zero when they are spent (0 = use --epochs)", "training")
-    batch_size: int = setting(128, "images per step, split across processes under torchrun", "training")
-    lr: float = setting(2e-3, "AdamW peak learning rate; high because the network is small", "training")
-    weight_decay: float = setting(0.0, "AdamW weight decay", "training")
-    warmup_steps: int = setting(200, "steps of linear learning-rate warm-up, then cosine decay to zero", "training")
-    min_snr_gamma: float = setting(0.0, "weigh each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
-                                   "2023); 0 = the paper's unweighted L_simple", "training")
-    grad_clip: float = setting(1.0, "maximum gradient norm (0 = no clipping)", "training")
-    ema_decay: float = setting(0.999, "decay of the weights' moving average that sampling uses, warmed up as "
-                               "min(decay, (1 + n) / (10 + n))", "training")
-    p_uncond: float = setting(0.1, "chance of replacing a label by 'no label', so one network also learns the "
-                              "unconditional model that guidance needs", "training")
-    compile: bool = setting(False, "torch.compile the U-Net (pays on CUDA; slow to start on a CPU)", "training")
-    log_every: int = setting(25, "steps between progress-bar and loss-curve updates (each reads the loss: a sync)",
-                             "training")
-    save_every: str = setting("5min", "also checkpoint every N minutes (5min) or steps (200steps) inside an "
-                              "epoch; 0 = only at epoch ends", "training")
-    keep_last: int = setting(0, "keep only the newest K checkpoints, epoch and timed (0 = keep all)", "training")
-    sample_every: int = setting(1, "epochs between preview grids in --out-dir (0 = never)", "training")
-    logger: str = setting("none", "also log the loss, learning rate and preview grids for TensorBoard, in "
-                          "OUT_DIR/tensorboard (pip install -e \".[tensorboard]\")", "training", choices=LOGGERS)
-    # --- sampling ---
-    sampler: str = setting("dpmpp", "ddpm (all T steps, Algorithm 2), ddim, or dpmpp (DPM-Solver++(2M))",
-                           "sampling", choices=SAMPLERS)
-    sample_steps: int = setting(0, "steps for ddim and dpmpp (alias --steps), at most T; 0 = auto: 10 with labels, "
-                                "20 without (the unconditional model needs more)", "sampling")
-    sample_batch: int = setting(64, "images per sampling batch; larger batches run slower per image on a CPU",
-                                "sampling")
-    eta: float = setting(3.0, "fresh noise per dpmpp step: 0 = deterministic ODE, 1 = the reverse SDE (DDPM's "
-                         "posterior variance), above 1 more of each step's noise is replaced, which mends malformed "
-                         "strokes of a briefly trained model; ddim and inpainting take at most 1", "sampling")
-    guidance: float = setting(2.5, "guidance w in eps_g + w (eps_c - eps_g), eps_g from --guide-checkpoint or the "
-                              "unconditional model; 1 = the conditional model, 0 = eps_g alone", "sampling")
-    guide_checkpoint: str = setting("auto", "guide with a less trained checkpoint of the same run instead of the "
-                                    "unconditional model (autoguidance, Karras et al. 2024; with or without "
-                                    "labels): auto = the epoch checkpoint at half the loaded one's epochs when it "
-                                    "is on disk, none = classifier-free guidance, or a checkpoint path", "sampling")
-    guidance_interval: tuple[float, ...] = setting((0.15, 2.0), "guide only while the noise level sigma_t = "
-                                                   "sqrt((1 - alpha_bar_t) / alpha_bar_t) is in (LO, HI], the "
-                                                   "conditional model elsewhere (Kynkaanniemi et al. 2024); guiding "
-                                                   "the noisier steps too (0 inf) costs variety, guiding the nearly "
-                                                   "clean ones below 0.15 only costs time", "sampling")
-    resample: int = setting(3, "inpainting: how many times each step is made, re-noising in between so the "
-                            "new pixels fit the kept ones (RePaint; 1 = once)", "sampling")
-    clip_x0: bool = setting(True, "clip each predicted x0 to [-1, 1] while sampling", "sampling")
-    # --- where and how it runs ---
-    device: str = setting("auto", "auto picks cuda, then mps, then cpu; or any torch device name", "runtime")
-    threads: int = setting(0, "CPU threads for torch (0 = torch's default)", "runtime")
-    amp: str = setting("auto", "bf16 autocast: auto picks the faster of bf16 and fp32 by timing a few steps on "
-                       "this CPU or GPU (cached), or force bf16 / none", "runtime", choices=AMP_MODES)
-    memory_format: str = setting("auto", "the convolutions' memory format: auto times channels_last against "
-                                 "contiguous (NCHW) with --amp, or force one", "runtime", choices=MEMORY_FORMATS)
-    seed: int = setting(0, "seed for model init, data order and sampling noise", "runtime")
-    ckpt_dir: str = setting(os.path.join("diffusion", "checkpoints"), "folder for checkpoints", "runtime")
-    out_dir: str = setting(os.path.join("diffusion", "outputs"), "folder for grids, loss curve and metrics",
-                           "runtime")
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def show(value) -> str:
+    """A value as it is typed on the command line."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def check_value(f: dataclasses.Field, value, where: str = ""):
+    """`value` for field f if its type, finiteness and range are right (ints may stand for floats, tuples may
+    arrive as JSON lists); otherwise a UserError that names the flag, and where the value came from."""
+    meta, name = f.metadata, flag_name(f.name)
+    source = f" in {where}" if where else ""
+    if value is None and f.default is None:
+        return None
+    if meta["kind"] is tuple:
+        if not isinstance(value, (tuple, list)) or not value:
+            raise UserError(f"{name}{source} takes a list of numbers, got {value!r}")
+        return tuple(_check_number(f, v, meta["item"], f"{name}{source}") for v in value)
+    if meta["kind"] in (int, float):
+        value = _check_number(f, value, meta["kind"], f"{name}{source}")
+    elif not isinstance(value, meta["kind"]):
+        raise UserError(f"{name}{source} must be {meta['kind'].__name__}, got {value!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"{name}{source} must be one of {', '.join(meta['choices'])}; got {value!r}")
+    return value
+
+
+def _check_number(f: dataclasses.Field, value, kind: type, name: str):
+    meta = f.metadata
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float)):
+        raise UserError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if kind is float:
+        value = float(value)
+        if math.isnan(value) or (math.isinf(value) and meta["high"] != math.inf):
+            raise UserError(f"{name} must be a finite number, got {value}")
+    low, high, above = meta["low"], meta["high"], meta["above"]
+    if (low is not None and value < low) or (high is not None and value > high) or (above is not None and value <= above):
+        bounds = " and ".join(b for b in (f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None
+                                          else "", f"<= {high:g}" if high is not None else "") if b)
+        raise UserError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def build(cls, values: dict, where: str = ""):
+    """cls(**values) after checking each value (unknown keys are an error, like an unknown flag)."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise UserError(f"{where or cls.__name__} has an unknown setting {key!r}")
+    return cls(**{k: check_value(known[k], v, where) for k, v in values.items()})
+
+
+class Checked:
+    """Checks every field on construction, then the rules that tie fields together (`relations`)."""
 
     def __post_init__(self) -> None:
-        self.channel_mults = tuple(self.channel_mults)
-        self.attention_resolutions = tuple(self.attention_resolutions)
-        self.guidance_interval = tuple(map(float, self.guidance_interval))
-        self.validate()
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, check_value(f, getattr(self, f.name)))
+        self.relations()
 
-    def validate(self) -> None:
-        """Reject settings that make no sense, once, with one readable line."""
-        positive = ("epochs", "batch_size", "timesteps", "lr", "base_channels", "num_res_blocks",
-                    "image_size", "channels", "sample_batch", "log_every", "resample")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{_flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("limit_train", "keep_last", "sample_every", "threads", "num_classes", "weight_decay", "minutes",
-                     "warmup_steps", "grad_clip", "min_snr_gamma", "guidance", "eta", "sample_steps"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
-        parse_interval(self.save_every)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("amp", self.amp, AMP_MODES)
-        _choice("memory_format", self.memory_format, MEMORY_FORMATS)
-        _choice("logger", self.logger, LOGGERS)
-        if not 0 < self.beta_start < self.beta_end < 1:
-            raise UserError(f"need 0 < --beta-start < --beta-end < 1, got {self.beta_start}, {self.beta_end}")
-        self._validate_noise_schedule()
-        if self.sample_steps > self.timesteps:
-            raise UserError(f"--steps {self.sample_steps} exceeds the {self.timesteps} timesteps of the diffusion")
-        if not 0 <= self.p_uncond <= 1 or not 0 <= self.ema_decay < 1 or not 0 <= self.dropout < 1:
-            raise UserError("--p-uncond must be in [0, 1], --ema-decay and --dropout in [0, 1)")
-        if len(self.guidance_interval) != 2 or not 0 <= self.guidance_interval[0] < self.guidance_interval[1]:
-            raise UserError(f"--guidance-interval takes two noise levels LO HI with 0 <= LO < HI, got "
-                            f"{show(self.guidance_interval)}")
-        if not self.channel_mults or min(self.channel_mults) < 1:
-            raise UserError(f"--channel-mults must be positive integers, got {self.channel_mults}")
+    def relations(self) -> None:
+        pass
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ModelConfig(Checked):
+    image_size: int = setting(28, "image side in pixels, set from the dataset; must divide by 2**(levels - 1)",
+                              low=4, high=1024)
+    channels: int = setting(1, "image channels, set from the dataset", low=1, high=4)
+    num_classes: int = setting(10, "labels for guidance, set from the dataset; 0 trains an unconditional model",
+                               low=0, high=10_000)
+    timesteps: int = setting(1000, "T, the number of noise levels", low=1, high=100_000)
+    schedule: str = setting("linear", "betas: linear (Ho et al.) or cosine (Nichol & Dhariwal 2021)",
+                            choices=SCHEDULES)
+    beta_start: float = setting(1e-4, "first beta of the linear schedule at T = 1000 (scaled by 1000 / T)",
+                                above=0, high=1)
+    beta_end: float = setting(0.02, "last beta of the linear schedule at T = 1000 (scaled by 1000 / T)",
+                              above=0, high=1)
+    base_channels: int = setting(32, "U-Net width at full resolution, where convolutions cost the most; "
+                                 "a multiple of 8", low=8, high=1024)
+    channel_mults: tuple = setting(None, "width multipliers per level (1 2 2 = 32/64/64 at 28/14/7)", item=int,
+                                   low=1, high=16, factory=lambda: (1, 2, 2))
+    num_res_blocks: int = setting(1, "residual blocks per level; one is faster than two at equal quality here",
+                                  low=1, high=8)
+    attention_resolutions: tuple = setting(None, "resolutions with self-attention (only where it is cheap)",
+                                           item=int, low=1, high=1024, factory=lambda: (7,))
+    learned_unconditional: bool = setting(True, "whether the network also learned eps without a label (p_uncond "
+                                          "> 0 or no labels): classifier-free guidance and --unconditional need it",
+                                          flag=False)
+
+    def relations(self) -> None:
+        if not self.beta_start < self.beta_end:
+            raise UserError(f"need --beta-start < --beta-end, got {self.beta_start}, {self.beta_end}")
+        if len(self.channel_mults) > 6:
+            raise UserError(f"--channel-mults takes at most 6 levels, got {len(self.channel_mults)}")
         if self.base_channels % 8:
             raise UserError(f"--base-channels must be a multiple of 8 (GroupNorm groups), got {self.base_channels}")
         factor = 2 ** (len(self.channel_mults) - 1)
         if self.image_size % factor:
             raise UserError(f"--image-size {self.image_size} must divide by {factor}, the U-Net's "
                             f"downsampling factor for {len(self.channel_mults)} levels")
+        self._check_noise_schedule()
 
-    def _validate_noise_schedule(self) -> None:
+    def _check_noise_schedule(self) -> None:
         """Every sampler starts from N(0, I), so the forward process must actually end there."""
         scale = 1000 / self.timesteps  # linear betas are scaled to T, see diffusion_utils.linear_betas
         if self.schedule == "linear" and self.beta_end * scale >= 1:
-            raise UserError(f"--timesteps {self.timesteps} is too few for the linear schedule: its last beta "
-                            f"would be {self.beta_end * scale:.2f} >= 1; use at least {math.floor(self.beta_end * 1000) + 1}")
+            raise UserError(f"--timesteps {self.timesteps} is too few for the linear schedule: its last beta would "
+                            f"be {self.beta_end * scale:.2f} >= 1; use at least {math.floor(self.beta_end * 1000) + 1}")
         left = final_alpha_bar(self.schedule, self.timesteps, self.beta_start, self.beta_end)
         if left > MAX_FINAL_ALPHA_BAR:
             raise UserError(f"this noise schedule leaves alpha_bar_T = {left:.3g} of the signal at t = T, so x_T is "
                             f"not pure noise (need <= {MAX_FINAL_ALPHA_BAR}); raise --beta-end or --timesteps")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+@dataclass(frozen=True)
+class DataConfig(Checked):
+    dataset: str = setting("mnist", "which images to train on: MNIST, Fashion-MNIST, or an ImageFolder tree "
+                           "(one sub-folder per class) at --data-root", choices=DATASETS)
+    data_root: str = setting(None, "folder holding MNIST/raw (or FashionMNIST/raw, or the ImageFolder tree)",
+                             factory=lambda: os.environ.get("DIFFUSION_DATA_ROOT", "data"))
+    download: bool = setting(True, "download MNIST / Fashion-MNIST into --data-root when missing (needs internet)")
+    limit_train: int = setting(0, "train on the first N images only, for quick runs (0 = all)", low=0, high=10**9)
+
+
+@dataclass(frozen=True)
+class TrainConfig(Checked):
+    epochs: int = setting(2, "passes over the training set", low=1, high=100_000)
+    minutes: float = setting(0.0, "train for this many minutes instead of --epochs, with the learning rate "
+                             "decaying to zero when they are spent (0 = use --epochs)", low=0, high=525_600)
+    batch_size: int = setting(128, "images per step, split across processes under torchrun", low=1, high=65_536)
+    lr: float = setting(2e-3, "AdamW peak learning rate; high because the network is small", above=0, high=10)
+    weight_decay: float = setting(0.0, "AdamW weight decay", low=0, high=10)
+    warmup_steps: int = setting(200, "steps of linear learning-rate warm-up, then cosine decay to zero",
+                                low=0, high=10**9)
+    min_snr_gamma: float = setting(0.0, "weigh each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
+                                   "2023); 0 = the paper's unweighted L_simple", low=0, high=1e6)
+    grad_clip: float = setting(1.0, "maximum gradient norm (0 = no clipping)", low=0, high=1e6)
+    ema_decay: float = setting(0.999, "decay of the weights' moving average that sampling uses, warmed up as "
+                               "min(decay, (1 + n) / (10 + n))", low=0, high=0.999999)
+    p_uncond: float = setting(0.1, "chance of replacing a label by 'no label', so one network also learns the "
+                              "unconditional model that guidance needs", low=0, high=1)
+    dropout: float = setting(0.0, "dropout in the residual blocks; a few epochs do not overfit 60k digits",
+                             low=0, high=0.99)
+    compile: bool = setting(False, "torch.compile the U-Net (pays on CUDA; slow to start on a CPU)")
+    log_every: int = setting(25, "steps between progress-bar and loss-curve updates (each reads the loss: a sync)",
+                             low=1, high=10**9)
+    save_every: str = setting("5min", "also checkpoint every N minutes (5min) or steps (200steps) inside an "
+                              "epoch; 0 = only at epoch ends")
+    keep_last: int = setting(0, "keep only the newest K checkpoints, epoch and timed (0 = keep all)",
+                             low=0, high=10**6)
+    sample_every: int = setting(1, "epochs between preview grids in --out-dir (0 = never)", low=0, high=10**6)
+    logger: str = setting("none", "also log the loss, learning rate and preview grids for TensorBoard, in "
+                          "OUT_DIR/tensorboard (pip install -e \".[tensorboard]\")", choices=LOGGERS)
+
+    def relations(self) -> None:
+        parse_interval(self.save_every)
+
+
+@dataclass(frozen=True)
+class SampleConfig(Checked):
+    sampler: str = setting("dpmpp", "ddpm (all T steps, Algorithm 2), ddim, or dpmpp (DPM-Solver++(2M))",
+                           choices=SAMPLERS)
+    sample_steps: int = setting(None, "network evaluations for ddim and dpmpp, at most T (auto: 10 with labels, "
+                                "20 without)", kind=int, low=1, high=100_000, alias="--steps")
+    sample_batch: int = setting(64, "images per sampling batch; larger batches run slower per image on a CPU",
+                                low=1, high=4096)
+    eta: float = setting(None, "fresh noise per step: 0 = deterministic, 1 = the reverse SDE (DDPM's posterior "
+                         "variance), above 1 (dpmpp only) more of each step's noise is replaced (auto: 3 "
+                         "autoguided with labels, 1 otherwise, 0 for interpolation)", kind=float, low=0, high=100)
+    guidance: float = setting(None, "guidance w in eps_g + w (eps_c - eps_g), eps_g from the guide network or the "
+                              "unconditional model; 1 = the conditional model, 0 = eps_g alone (auto: 2.5 "
+                              "autoguided with labels, 2 otherwise)", kind=float, low=0, high=100)
+    guide_checkpoint: str = setting("auto", "what guides: auto = autoguidance (Karras et al. 2024) by the epoch "
+                                    "checkpoint at half the loaded one's epochs when it is on disk, else "
+                                    "classifier-free guidance; none = classifier-free guidance; or a checkpoint "
+                                    "path of the same run")
+    guidance_interval: tuple = setting(None, "guide only while the noise level sigma_t = sqrt((1 - alpha_bar_t) / "
+                                       "alpha_bar_t) is in (LO, HI], the conditional model elsewhere "
+                                       "(Kynkaanniemi et al. 2024) (auto: 0.15 2 with labels, 0 inf without)",
+                                       kind=tuple, item=float, low=0, high=math.inf)
+    resample: int = setting(None, "inpainting: how many times each step is made, re-noising in between so the new "
+                            "pixels fit the kept ones (RePaint; auto: 3)", kind=int, low=1, high=100)
+    clip_x0: bool = setting(True, "clip each predicted x0 to [-1, 1] while sampling")
+
+    def relations(self) -> None:
+        interval = self.guidance_interval
+        if interval is not None and (len(interval) != 2 or not interval[0] < interval[1]):
+            raise UserError(f"--guidance-interval takes two noise levels LO HI with 0 <= LO < HI, got {show(interval)}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(Checked):
+    device: str = setting("auto", "auto picks cuda, then mps, then cpu; or any torch device name")
+    threads: int = setting(0, "CPU threads for torch (0 = torch's default)", low=0, high=1024)
+    amp: str = setting("auto", "bf16 autocast: auto picks the faster of bf16 and fp32 by timing a few steps on "
+                       "this CPU or GPU (cached), or force bf16 / none", choices=AMP_MODES)
+    memory_format: str = setting("auto", "the convolutions' memory format: auto times channels_last against "
+                                 "contiguous (NCHW) with --amp, or force one", choices=MEMORY_FORMATS)
+    seed: int = setting(0, "seed for model init, data order and sampling noise", low=0, high=MAX_SEED)
+    ckpt_dir: str = setting(os.path.join("diffusion", "checkpoints"), "folder for checkpoints")
+    out_dir: str = setting(os.path.join("diffusion", "outputs"), "folder for grids, loss curve and metrics")
+
+
+PARTS = {ModelConfig: "model: the U-Net and its noise schedule (fixed by training)", DataConfig: "data",
+         TrainConfig: "training", SampleConfig: "sampling (the training preview uses it too)",
+         RuntimeConfig: "where and how it runs"}
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def fields_of(*parts) -> list[tuple[type, dataclasses.Field]]:
+    return [(part, f) for part in parts for f in dataclasses.fields(part) if f.metadata["flag"]]
 
 
 def parse_interval(text: str) -> tuple[float, str]:
@@ -203,141 +283,32 @@ def parse_interval(text: str) -> tuple[float, str]:
                 amount = cast(number)
             except ValueError:
                 break
-            if amount > 0:
+            if 0 < amount < 1e9:
                 return amount, unit
     raise UserError(f"--save-every takes minutes or steps, like 5min or 200steps (0 = only at epoch ends); got {text!r}")
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"--{_flag(name)} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def from_dict(values: dict) -> Config:
-    """Rebuild a Config from a checkpoint's plain dict, ignoring keys this version no longer has."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in values.items() if k in known})
-
-
-# which Config groups each command takes; everything else it refuses with a reason
-COMMAND_GROUPS = {
-    "main": ("data", "model", "diffusion", "training", "sampling", "runtime"),
-    "sampling": ("sampling", "runtime"),
-    "evaluate": ("sampling", "runtime"),
-}
-EXTRA_FIELDS = {"evaluate": ("data_root", "download")}  # the scorecard reads real MNIST
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage wall), like every other error of these commands."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def command_fields(command: str) -> list[dataclasses.Field]:
-    groups, extra = COMMAND_GROUPS[command], EXTRA_FIELDS.get(command, ())
-    return [f for f in dataclasses.fields(Config) if f.metadata["group"] in groups or f.name in extra]
-
-
-def build_parser(command: str, description: str) -> ArgumentParser:
-    """`python -m diffusion.<command>`'s parser: one --flag per Config field the command uses, grouped, each
-    with its help sentence, choices and default. Unset flags stay absent from the result."""
-    parser = ArgumentParser(prog=f"python -m diffusion.{command}", description=description,
-                            argument_default=argparse.SUPPRESS)
-    defaults = Config()
-    fields = command_fields(command)
-    groups = {g: parser.add_argument_group(GROUPS[g]) for g in GROUPS if any(f.metadata["group"] == g for f in fields)}
-    for f in fields:
-        default, meta = getattr(defaults, f.name), f.metadata
-        shown = "$DIFFUSION_DATA_ROOT or data" if f.name == "data_root" else show(default)
-        kwargs = {"help": f"{meta['help']} (default: {shown})".replace("%", "%%")}  # argparse formats help with %
-        if isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, tuple):
-            kwargs.update(nargs="+", type=type(default[0]) if default else int,
-                          metavar="X" if default and isinstance(default[0], float) else "N")
-        else:
-            kwargs["type"] = type(default)
-        if meta["choices"]:
-            kwargs["choices"] = meta["choices"]
-        groups[meta["group"]].add_argument(f"--{_flag(f.name)}", dest=f.name, **kwargs)
-    parser.add_argument("--debug", action="store_true", default=False, help="show full tracebacks on errors")
-    return parser
-
-
-def parse_command_line(parser: ArgumentParser, command: str, argv: list[str] | None) -> argparse.Namespace:
-    """parse_args, except that a Config flag this command does not take is refused with the reason."""
-    args, unknown = parser.parse_known_args(argv)
-    usable = {f.name for f in command_fields(command)}
-    for token in unknown:
-        name = token.split("=")[0].removeprefix("--").removeprefix("no-").replace("-", "_")
-        field_ = next((f for f in dataclasses.fields(Config) if f.name == name), None)
-        if token.startswith("--") and field_ and name not in usable:
-            why = ("is fixed by training; it comes from the checkpoint" if field_.metadata["trained"] else
-                   f"is a {field_.metadata['group']} setting; {command} uses the checkpoint's or has no use for it")
-            raise UserError(f"{token.split('=')[0]} {why}")
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args
-
-
-def trained_fields() -> tuple[str, ...]:
-    """What a network is trained for: its architecture, its data's shape and its noise schedule."""
-    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["trained"])
-
-
-def runtime_fields() -> tuple[str, ...]:
-    """How to sample and where: taken from this version's defaults and the command line, not from the run."""
-    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata["group"] in ("sampling", "runtime"))
-
-
-def config_overrides(args: argparse.Namespace) -> dict:
-    """The Config fields that were given on the command line."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    return {k: v for k, v in vars(args).items() if k in names}
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Config from the training command line: defaults, then overrides; unknown flags exit with usage."""
-    args = build_parser("main", "Train a DDPM on MNIST.").parse_args(argv)
-    return Config(**config_overrides(args))
-
-
-def show(value) -> str:
-    """A default as it is typed on the command line."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
 def markdown_table() -> str:
-    """The README's configuration table, written from the fields themselves."""
-    rows = ["| flag | default | group | meaning |", "| --- | --- | --- | --- |"]
-    for f in dataclasses.fields(Config):
-        shown = "$DIFFUSION_DATA_ROOT or data" if f.name == "data_root" else show(getattr(Config(), f.name))
-        meaning = f.metadata["help"] + (f" ({', '.join(f.metadata['choices'])})" if f.metadata["choices"] else "")
-        rows.append(f"| `--{_flag(f.name)}` | `{shown}` | {f.metadata['group']}"
-                    f"{', *trained*' if f.metadata['trained'] else ''} | {meaning} |")
+    """docs/configuration.md's table, written from the fields themselves."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for part, title in PARTS.items():
+        rows.append(f"| **{title}** | | |")
+        for _, f in fields_of(part):
+            shown = "$DIFFUSION_DATA_ROOT or data" if f.name == "data_root" else show(_default(f))
+            meaning = f.metadata["help"] + (f" ({', '.join(f.metadata['choices'])})" if f.metadata["choices"] else "")
+            alias = f" (`{f.metadata['alias']}`)" if f.metadata["alias"] else ""
+            rows.append(f"| `{flag_name(f.name)}`{alias} | `{shown}` | {meaning} |")
     return "\n".join(rows)
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a device torch knows ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA, but torch sees no GPU here")
-    return device
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run is given, by owner (the training preview samples with `sample`)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)

@@ -21,19 +21,30 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 
 
-def load_images(cfg, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 (N, C, H, W), labels int64 (N,)) for cfg.dataset; the first cfg.limit_train when set."""
-    if cfg.dataset == "folder":
-        images, labels = _load_folder(Path(cfg.data_root), cfg.image_size)
+def load_images(data, train: bool = True, image_size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 (N, C, H, W), labels int64 (N,)) for data.dataset (a DataConfig); the first data.limit_train
+    when set. An ImageFolder tree is resized to image_size."""
+    if data.dataset == "folder":
+        images, labels = _load_folder(Path(data.data_root), image_size)
     else:
-        cls = datasets.MNIST if cfg.dataset == "mnist" else datasets.FashionMNIST
-        if cfg.dataset == "fashion-mnist":
-            _unpack_debian_fashion(Path(cfg.data_root))
-        ds = _open_torchvision(cls, Path(cfg.data_root), train, cfg.download)
+        cls = datasets.MNIST if data.dataset == "mnist" else datasets.FashionMNIST
+        if data.dataset == "fashion-mnist":
+            _unpack_debian_fashion(Path(data.data_root))
+        ds = _open_torchvision(cls, Path(data.data_root), train, data.download)
         images, labels = ds.data.unsqueeze(1), ds.targets.long()
-    if train and cfg.limit_train:
-        images, labels = images[: cfg.limit_train], labels[: cfg.limit_train]
+        _check_labels(images, labels, Path(data.data_root) / cls.__name__ / "raw", train)
+    if train and data.limit_train:
+        images, labels = images[: data.limit_train], labels[: data.limit_train]
     return images, labels
+
+
+def _check_labels(images: torch.Tensor, labels: torch.Tensor, folder: Path, train: bool) -> None:
+    """The IDX label file must match its image file: one label per image, each one of the dataset's 10 classes."""
+    name = folder / f"{'train' if train else 't10k'}-labels-idx1-ubyte"
+    if len(labels) != len(images):
+        raise UserError(f"{name} holds {len(labels)} labels for {len(images)} images; replace it with the original file")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < 10:
+        raise UserError(f"{name} holds a label outside 0..9 ({int(labels.max())}); replace it with the original file")
 
 
 def dataset_shape(images: torch.Tensor, labels: torch.Tensor) -> dict:

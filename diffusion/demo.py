@@ -1,18 +1,17 @@
 """python -m diffusion.demo: a local page to play with a trained model, offline, on 127.0.0.1.
 
 Watch 16 digits denoise live, complete a digit you draw or upload (inpainting), and slide between two seeds
-(interpolation). It is one small page of our own served by the standard library, not Gradio: nothing more
-to install, no asset from the internet and no telemetry, and every image goes through the same code as
-`python -m diffusion.sampling` (generation.generate), so the page's final grid equals the command's PNG.
+(interpolation). It is one small page of our own served by the standard library: nothing more to install, no
+asset from the internet and no telemetry. Each request's settings go through the same checks and the same
+recipe (diffusion/recipe.py) as `python -m diffusion.sampling`, so the page's final grid equals the command's PNG.
 
-The server streams each run as lines of JSON (one per sampler step, then the result). Runs from several
-tabs take turns on the one network (a lock), each with its own settings and random generator.
+The server trusts only its own page: a request must name this server in Host, come from no other Origin, send
+JSON, and stay within the command line's limits; the page cannot be framed. Runs from several tabs take turns on
+the one network; a run stops when its tab goes away.
 """
 from __future__ import annotations
 
-import argparse
 import base64
-import dataclasses
 import json
 import threading
 import webbrowser
@@ -22,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from diffusion.checkpoint import resolve_checkpoint
-from diffusion.config import SAMPLERS, Config
-from diffusion.errors import UserError, run_cli
-from diffusion.generation import (generate, interpolation_noise, load_for_sampling, load_guide, sample_labels,
-                                  settings_for_guide, solver_steps, with_solver_steps)
+from diffusion.autotune import setup_runtime
+from diffusion.checkpoint import check_same_model, load_network, resolve_checkpoint
+from diffusion.cli import build_parser, parse, run_cli
+from diffusion.config import MAX_SEED, SAMPLERS, RuntimeConfig, SampleConfig, build
+from diffusion.errors import UserError
+from diffusion.generation import generate, interpolation_noise, sample_labels
+from diffusion.recipe import choose_recipe
 from diffusion.uploads import REGIONS, decode_square_png, digit_to_model_range, mask_keep, region_keep
 from diffusion.visuals import grid_png
 
@@ -34,85 +35,139 @@ PAGE = Path(__file__).with_name("demo_page.html")
 MAX_BODY = 8_000_000
 GRID = 16  # images per run: a 4 x 4 grid, as `python -m diffusion.sampling` writes by default
 ROW = 8  # images in an interpolation row
+WAIT_FOR_TURN = 120  # seconds a run waits for the network before it is told the server is busy
+REQUEST_SETTINGS = {"sampler": "sampler", "steps": "sample_steps", "eta": "eta", "guidance": "guidance",
+                    "resample": "resample"}
 
 
 class Demo:
-    """The loaded network and what a request may change; run() turns one request into a stream of frames."""
+    """The loaded network; run() turns one request into a stream of frames, with the command line's recipe."""
 
-    def __init__(self, path: Path, overrides: dict):
-        self.path = path
-        self.net, self.cfg, self.device = load_for_sampling(path, overrides)
-        self.weak, _ = load_guide(path, self.cfg, self.device)
-        self.cfg = settings_for_guide(self.cfg, overrides, self.weak is not None, labelled=self.cfg.num_classes > 0)
+    def __init__(self, path: Path, asked: SampleConfig, runtime_cfg: RuntimeConfig):
+        self.loaded = load_network(path)
+        self.asked, self.runtime_cfg = asked, runtime_cfg
+        self.guides: dict[Path, torch.nn.Module] = {}
         self.lock = threading.Lock()
 
+    @property
+    def model(self):
+        return self.loaded.config
+
     def info(self) -> dict:
-        c = self.cfg
-        return {"checkpoint": str(self.path), "num_classes": c.num_classes, "samplers": list(SAMPLERS),
-                "sampler": c.sampler, "steps": solver_steps(c, guided=c.num_classes > 0), "eta": c.eta,
-                "guidance": c.guidance, "seed": c.seed,
-                "resample": c.resample, "max_steps": c.timesteps, "regions": list(REGIONS), "image_size": c.image_size}
+        """What the page needs to draw its form: the recipe each task gets when a field is left empty."""
+        recipes = {}
+        for task in ("sample", "inpaint", "interpolate"):
+            for labelled in (True, False):
+                try:
+                    r = self.recipe({"task": task}, labelled)
+                except UserError:
+                    continue
+                recipes[f"{task}/{'labelled' if labelled else 'unlabelled'}"] = {
+                    "sampler": r.sampler, "steps": r.steps, "eta": r.eta, "guidance": r.guidance,
+                    "resample": r.resample, "text": str(r)}
+        return {"checkpoint": self.loaded.path.name, "num_classes": self.model.num_classes, "samplers": list(SAMPLERS),
+                "seed": self.runtime_cfg.seed, "max_steps": self.model.timesteps, "regions": list(REGIONS),
+                "image_size": self.model.image_size, "recipes": recipes}
 
-    def settings(self, request: dict) -> Config:
-        """The request's sampler settings on top of the loaded ones, validated like command-line flags."""
-        fields = {"sampler": str, "steps": int, "eta": float, "guidance": float, "seed": int, "resample": int}
-        names = {"steps": "sample_steps"}
-        try:
-            changes = {names.get(k, k): cast(request[k]) for k, cast in fields.items() if request.get(k) not in (None, "")}
-        except (TypeError, ValueError) as err:
-            raise UserError(f"a setting is not a number: {err}") from None
-        if changes.get("sampler", self.cfg.sampler) not in SAMPLERS:
-            raise UserError(f"sampler must be one of {', '.join(SAMPLERS)}")
-        return Config(**{**self.cfg.to_dict(), **changes})
+    def recipe(self, request: dict, labelled: bool):
+        """The request's settings, checked like flags, over the command line's, turned into a recipe."""
+        given = {}
+        for key, name in REQUEST_SETTINGS.items():
+            value = request.get(key)
+            if value not in (None, ""):
+                given[name] = number(value, key) if key != "sampler" else value
+        asked = build(SampleConfig, {**self.asked.to_dict(), **given}, "the request")
+        return choose_recipe(self.model, asked, task=request.get("task", "sample"), labelled=labelled,
+                             checkpoint=self.loaded.path, epoch=self.loaded.epoch)
 
-    def inputs(self, request: dict, cfg: Config) -> tuple[int, torch.Tensor | None, dict, int]:
-        """(images, labels, generate()'s editing arguments, images per row) for the request's task."""
+    def guide(self, recipe):
+        if recipe.guide is None:
+            return None
+        if recipe.guide not in self.guides:
+            weak = load_network(recipe.guide)
+            check_same_model(weak.config, self.model, recipe.guide)
+            self.guides[recipe.guide] = weak.net
+        return self.guides[recipe.guide]
+
+    def inputs(self, request: dict, seed: int) -> tuple[str, torch.Tensor | None, dict, int]:
+        """(task, labels, generate()'s editing arguments, images per row) for the request."""
         task, digit = request.get("task", "sample"), request.get("digit")
-        digit = None if digit in (None, "", "any") else int(digit)
+        digit = None if digit in (None, "", "any") else integer(digit, "digit")
         if task == "sample":
-            return GRID, sample_labels(cfg, GRID, digit, seed=cfg.seed, device=self.device), {}, 4
-        labels = sample_labels(cfg, GRID, digit, unconditional=digit is None, device=self.device)
+            return task, sample_labels(self.model, GRID, digit, seed=seed), {}, 4
+        labels = sample_labels(self.model, GRID, digit, unconditional=digit is None)
         if task == "interpolate":
-            labels = None if labels is None else labels[:ROW]
             end = request.get("end_seed")
-            end = None if end in (None, "") else int(end)
-            return ROW, labels, {"x_T": interpolation_noise(cfg, ROW, cfg.seed, end)}, ROW
+            end = None if end in (None, "") else seed_value(end, "end_seed")
+            return task, None if labels is None else labels[:ROW], {"x_T": interpolation_noise(self.model, ROW, seed, end)}, ROW
         if task == "inpaint":
-            image = decode_square_png(data_url_bytes(request.get("image")), cfg.image_size, cfg.channels, "image")
-            known, _ = digit_to_model_range(image)
+            size, channels = self.model.image_size, self.model.channels
+            known, _ = digit_to_model_range(decode_square_png(data_url_bytes(request.get("image")), size, channels, "image"))
             mask = request.get("mask") or "bottom"
-            keep = (region_keep(mask, cfg.image_size) if mask in REGIONS else
-                    mask_keep(decode_square_png(data_url_bytes(mask), cfg.image_size, cfg.channels, "mask")))
+            keep = (region_keep(mask, size) if mask in REGIONS else
+                    mask_keep(decode_square_png(data_url_bytes(mask), size, channels, "mask")))
             if keep.all():
                 raise UserError("the mask marks nothing to generate; paint over part of the digit or pick a half")
-            return GRID, labels, {"known": known.expand(GRID, -1, -1, -1), "keep": keep}, 4
-        raise UserError(f"unknown task {task!r}")
+            return task, labels, {"known": known.expand(GRID, -1, -1, -1), "keep": keep}, 4
+        raise UserError(f"unknown task {str(task)[:40]!r}")
 
     def run(self, request: dict, send) -> None:
-        """Validate, then send {'frame', 'of', 'png'} per sampler step and {'done', 'png', 'settings'} last."""
-        cfg = self.settings(request)
-        if request.get("task") == "interpolate":
-            cfg = dataclasses.replace(cfg, eta=0.0)  # neighbours must share their path: the deterministic sampler
-        n, labels, editing, nrow = self.inputs(request, cfg)
-        cfg = with_solver_steps(cfg, labels)
-        with self.lock:
-            steps = [0]
+        """Validate, then send {'frame', 'of', 'png'} per sampler step and {'done', 'png', 'recipe'} last."""
+        seed = self.runtime_cfg.seed if request.get("seed") in (None, "") else seed_value(request["seed"], "seed")
+        task, labels, editing, nrow = self.inputs(request, seed)
+        recipe = self.recipe(request, labelled=labels is not None)
+        n = len(labels) if labels is not None else (ROW if task == "interpolate" else GRID)
+        if not self.lock.acquire(timeout=WAIT_FOR_TURN):
+            raise UserError("the demo is busy with another tab's run; try again in a moment")
+        try:
+            weak = self.guide(recipe)
+            runtime = setup_runtime(self.runtime_cfg, self.model, self.loaded.net, "sample", min(recipe.batch, n),
+                                    verbose=False)
+            frames = [0]
 
             def on_step(i, xt, x0):
-                steps[0] += 1
-                send({"frame": i + 1, "png": b64(grid_png(xt.clamp(-1, 1), nrow))})
+                frames[0] += 1
+                send({"frame": i + 1, "of": recipe.steps, "png": b64(grid_png(xt.clamp(-1, 1), nrow))})
 
-            x = generate(self.net, cfg, n, labels, self.device, seed=cfg.seed, progress=False, callback=on_step,
-                         weak=self.weak, **editing)
-        send({"done": True, "png": b64(grid_png(x, nrow)), "frames": steps[0],
-              "settings": {"sampler": cfg.sampler, "steps": cfg.sample_steps, "eta": cfg.eta,
-                           "guidance": cfg.guidance, "seed": cfg.seed}})
+            x = generate(self.loaded.net, self.model, recipe, n, labels, runtime, seed=seed, weak=weak,
+                         progress=False, callback=on_step, **editing)
+        finally:
+            self.lock.release()
+        send({"done": True, "png": b64(grid_png(x, nrow)), "frames": frames[0], "recipe": str(recipe),
+              "settings": {"sampler": recipe.sampler, "steps": recipe.steps, "eta": recipe.eta,
+                           "guidance": recipe.guidance, "seed": seed}})
 
     def upload(self, request: dict) -> dict:
         """An uploaded PNG as the 28 x 28 digit the model would see (light strokes on dark)."""
-        image = decode_square_png(data_url_bytes(request.get("image")), self.cfg.image_size, self.cfg.channels, "upload")
+        image = decode_square_png(data_url_bytes(request.get("image")), self.model.image_size, self.model.channels,
+                                  "upload")
         known, inverted = digit_to_model_range(image)
         return {"png": b64(grid_png(known[None], nrow=1)), "inverted": inverted}  # one image: saved without padding
+
+
+def number(value, name: str) -> float:
+    """A number from a request: JSON numbers, or the text of a form field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or len(str(value)) > 40:
+        raise UserError(f"{name} must be a number, got {str(value)[:40]!r}")
+    try:
+        result = float(value)
+    except ValueError:
+        raise UserError(f"{name} must be a number, got {value!r}") from None
+    return int(result) if result.is_integer() and name in ("steps", "resample") else result
+
+
+def integer(value, name: str) -> int:
+    result = number(value, name)
+    if not float(result).is_integer():
+        raise UserError(f"{name} must be a whole number, got {value!r}")
+    return int(result)
+
+
+def seed_value(value, name: str) -> int:
+    seed = integer(value, name)
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{name} must be in 0..{MAX_SEED}, got {seed}")
+    return seed
 
 
 def b64(data: bytes) -> str:
@@ -128,7 +183,8 @@ def data_url_bytes(value) -> bytes:
         raise UserError("the image is not valid base64 data") from None
 
 
-def make_handler(demo: Demo):
+def make_handler(demo: Demo, hosts: set[str]):
+    """The HTTP handler. `hosts`: the Host values this server answers to (its own address)."""
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # keep the terminal for errors
             pass
@@ -137,44 +193,78 @@ def make_handler(demo: Demo):
             self.send_response(status)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
+            self.security_headers()
             self.end_headers()
             self.wfile.write(body)
+
+        def security_headers(self) -> None:
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Frame-Options", "DENY")
+            self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
+            self.send_header("X-Content-Type-Options", "nosniff")
 
         def reply_json(self, status: HTTPStatus, value: dict) -> None:
             self.reply(status, json.dumps(value).encode(), "application/json")
 
+        def refused(self) -> str | None:
+            """Why this request is not from our own page, or None. DNS rebinding sends a foreign Host; another
+            site's form or fetch sends its own Origin (or 'null' from a sandboxed frame or a file)."""
+            if self.headers.get("Host", "") not in hosts:
+                return "this demo answers only to its own address"
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.removeprefix("http://") not in hosts:
+                return "requests from other sites are refused"
+            return None
+
         def do_GET(self):
+            if why := self.refused():
+                return self.reply_json(HTTPStatus.FORBIDDEN, {"error": why})
             if self.path in ("/", "/index.html"):
                 self.reply(HTTPStatus.OK, PAGE.read_bytes(), "text/html; charset=utf-8")
             elif self.path == "/api/info":
                 self.reply_json(HTTPStatus.OK, demo.info())
             else:
-                self.reply_json(HTTPStatus.NOT_FOUND, {"error": f"no page {self.path}"})
+                self.reply_json(HTTPStatus.NOT_FOUND, {"error": "no such page"})
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
+            if why := self.refused():
+                return self.reply_json(HTTPStatus.FORBIDDEN, {"error": why})
+            request, error = self.read_json()
+            if error:
                 self.close_connection = True
-                left = length if length <= 8 * MAX_BODY else 0  # drain it, so the sender hears the reply
-                while left > 0 and (chunk := self.rfile.read(min(left, 65536))):
-                    left -= len(chunk)
-                return self.reply_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                                       {"error": f"the upload is {length / 1e6:.1f} MB; at most {MAX_BODY / 1e6:g} MB"})
-            try:
-                request = json.loads(self.rfile.read(length) or b"{}")
-                if not isinstance(request, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                return self.reply_json(HTTPStatus.BAD_REQUEST, {"error": "the request is not JSON"})
+                return self.reply_json(*error)
             try:
                 if self.path == "/api/upload":
                     return self.reply_json(HTTPStatus.OK, demo.upload(request))
                 if self.path == "/api/run":
                     return self.stream(request)
-                self.reply_json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {self.path}"})
+                self.reply_json(HTTPStatus.NOT_FOUND, {"error": "no such endpoint"})
             except UserError as err:
                 self.reply_json(HTTPStatus.BAD_REQUEST, {"error": str(err)})
+
+        def read_json(self) -> tuple[dict | None, tuple | None]:
+            """(the request's JSON object, None) or (None, (status, error)), never reading past MAX_BODY."""
+            if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+                return None, (HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send JSON (Content-Type: application/json)"})
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                return None, (HTTPStatus.LENGTH_REQUIRED, {"error": "send the body with a Content-Length"})
+            text = self.headers.get("Content-Length", "")
+            if not text.isdigit() or len(text) > 12:
+                return None, (HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length must be a whole number"})
+            length = int(text)
+            if length > MAX_BODY:
+                left = length if length <= 8 * MAX_BODY else 0  # drain it, so the sender hears the reply
+                while left > 0 and (chunk := self.rfile.read(min(left, 65536))):
+                    left -= len(chunk)
+                return None, (HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                              {"error": f"the upload is {length / 1e6:.1f} MB; at most {MAX_BODY / 1e6:g} MB"})
+            try:
+                request = json.loads(self.rfile.read(length) or b"{}", parse_constant=_no_constant)
+            except (ValueError, RecursionError):
+                return None, (HTTPStatus.BAD_REQUEST, {"error": "the request is not JSON"})
+            if not isinstance(request, dict):
+                return None, (HTTPStatus.BAD_REQUEST, {"error": "the request must be a JSON object"})
+            return request, None
 
         def stream(self, request: dict) -> None:
             """Lines of JSON as the sampler goes; errors before the first line are a plain 400."""
@@ -184,7 +274,7 @@ def make_handler(demo: Demo):
                 if not started:
                     self.send_response(HTTPStatus.OK)
                     self.send_header("Content-Type", "application/x-ndjson")
-                    self.send_header("Cache-Control", "no-store")
+                    self.security_headers()
                     self.end_headers()
                     started.append(True)
                 self.wfile.write(json.dumps(message).encode() + b"\n")
@@ -202,32 +292,31 @@ def make_handler(demo: Demo):
     return Handler
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number this demo takes")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffusion.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = build_parser("demo", __doc__.splitlines()[0], SampleConfig, (RuntimeConfig, (
+        "device", "threads", "amp", "memory_format", "seed", "ckpt_dir")))
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file or exported folder (default: the latest in --ckpt-dir)")
-    parser.add_argument("--ckpt-dir", default=Config().ckpt_dir, help="where to look (default: %(default)s)")
     parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: %(default)s; 0 = any free)")
-    parser.add_argument("--device", default=None, help="torch device (default: auto)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--amp", choices=("auto", "bf16", "none"), default=None, help="bf16 autocast (default: auto)")
-    parser.add_argument("--memory-format", choices=("auto", "channels_last", "contiguous"), default=None,
-                        help="convolution memory format (default: auto)")
     parser.add_argument("--open", action="store_true", help="open the page in the default browser")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k in ("device", "threads", "amp", "memory_format") and v is not None}
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    demo = Demo(resolve_checkpoint(args.checkpoint, args.ckpt_dir), overrides)
+    args, configs = parse(parser, argv)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    runtime_cfg = configs[RuntimeConfig]
+    demo = Demo(resolve_checkpoint(args.checkpoint, runtime_cfg.ckpt_dir), configs[SampleConfig], runtime_cfg)
     try:
-        server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(demo))
+        server = ThreadingHTTPServer(("127.0.0.1", args.port), None)
     except OSError as err:
         raise UserError(f"cannot listen on 127.0.0.1:{args.port}: {err.strerror or err}; try --port 0") from None
+    port = server.server_address[1]
+    server.RequestHandlerClass = make_handler(demo, {f"127.0.0.1:{port}", f"localhost:{port}"})
     server.daemon_threads = True
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
-    print(f"demo of {demo.path} at {url} (Ctrl+C to stop)", flush=True)
+    url = f"http://127.0.0.1:{port}/"
+    print(f"demo of {demo.loaded.path} at {url} (Ctrl+C to stop)", flush=True)
     if args.open:
         webbrowser.open(url)
     try:
@@ -239,4 +328,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_grad_enabled(False)
     run_cli(main)

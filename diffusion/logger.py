@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
+from diffusion.config import LOGGERS
 from diffusion.errors import UserError
 
-LOGGERS = ("none", "tensorboard")
 
 
 class TensorBoardLogger:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.errors import UserError
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017), shape (B, dim)."""
@@ -135,6 +137,18 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-def build_model(cfg) -> UNet:
-    return UNet(cfg.channels, cfg.image_size, cfg.base_channels, cfg.channel_mults, cfg.num_res_blocks,
-                cfg.attention_resolutions, cfg.num_classes, cfg.dropout)
+MAX_PARAMETERS = 200_000_000  # far above any MNIST U-Net; a config past it is a mistake, not a model
+
+
+def build_model(cfg, dropout: float = 0.0) -> UNet:
+    """The U-Net a ModelConfig describes. Its size is counted first on the meta device (no memory), so an absurd
+    config from a file someone sent is refused before gigabytes are allocated."""
+    def make():
+        return UNet(cfg.channels, cfg.image_size, cfg.base_channels, cfg.channel_mults, cfg.num_res_blocks,
+                    cfg.attention_resolutions, cfg.num_classes, dropout)
+    with torch.device("meta"):
+        size = sum(p.numel() for p in make().parameters())
+    if size > MAX_PARAMETERS:
+        raise UserError(f"this model config builds {size / 1e6:.0f}M parameters, more than the {MAX_PARAMETERS / 1e6:.0f}M "
+                        "this project allows; check --base-channels, --channel-mults and --num-res-blocks")
+    return make()

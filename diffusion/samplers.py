@@ -71,7 +71,7 @@ def denoise(model: EpsModel, x: torch.Tensor, t: int, s: Schedule, clip_x0: bool
 @torch.inference_mode()
 def sample_ddpm(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[int] | None = None, *,
                 generator: torch.Generator | None = None, callback: Callback = None,
-                clip_x0: bool = True, variance: str = "posterior", **_) -> torch.Tensor:
+                clip_x0: bool = True, variance: str = "posterior") -> torch.Tensor:
     """Ancestral sampling over all T steps, Algorithm 2, written as q(x_{t-1} | x_t, x0_pred)."""
     timesteps = ancestral_timesteps(s.T) if timesteps is None else timesteps
     if timesteps != ancestral_timesteps(s.T):
@@ -97,12 +97,10 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, alph
 @torch.inference_mode()
 def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[int], *,
                 generator: torch.Generator | None = None, callback: Callback = None,
-                clip_x0: bool = True, eta: float = 0.0, **_) -> torch.Tensor:
+                clip_x0: bool = True, eta: float = 0.0) -> torch.Tensor:
     """DDIM, Song et al. 2021, Eq. 12, over decreasing `timesteps` (e.g. spaced_timesteps(T, 50)):
     eta = 0 is deterministic, eta = 1 has DDPM's posterior variance; above 1 the noise would exceed sqrt(1 -
-    alpha_bar_prev) and the step would leave q(x_{t-1} | x_0), so it is refused."""
-    if eta > 1:
-        raise ValueError(f"DDIM's eta must be in [0, 1], got {eta}")
+    alpha_bar_prev) and the step would leave q(x_{t-1} | x_0) (ddim_step clamps it; the recipe refuses it)."""
     ts = timesteps
     for i, t in enumerate(ts):
         _, eps, x0 = denoise(model, x, t, s, clip_x0)
@@ -118,7 +116,7 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[i
 @torch.inference_mode()
 def sample_dpmpp(model: EpsModel, x: torch.Tensor, s: Schedule, timesteps: list[int], *,
                  generator: torch.Generator | None = None, callback: Callback = None,
-                 clip_x0: bool = True, eta: float = 0.0, **_) -> torch.Tensor:
+                 clip_x0: bool = True, eta: float = 0.0) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (multistep, data prediction), over decreasing
     `timesteps` (logsnr_timesteps(s, steps) is the recommended spacing).
 

@@ -1,7 +1,6 @@
 """The training loop: Algorithm 1 with AdamW, warm-up, gradient clipping, EMA, and safe checkpoints."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -15,15 +14,18 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from diffusion.checkpoint import FORMAT, check_trained_fields, find_latest, load_checkpoint, load_weights, save_checkpoint
-from diffusion.autotune import Precision, candidates, choose_precision
-from diffusion.config import Config, parse_interval, resolve_device
+from diffusion.autotune import setup_runtime
+from diffusion.checkpoint import (FORMAT, check_same_model, check_writable_folder, epoch_name, find_latest,
+                                  load_checkpoint, load_weights, model_config, save_checkpoint)
+from diffusion.config import RunConfig, parse_interval
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
 from diffusion.diffusion_utils import diffusion_loss, min_snr_weights, schedule_from_config
 from diffusion.errors import UserError
-from diffusion.generation import WITHOUT_AUTOGUIDANCE, generate, settings_for_guide
+from diffusion.generation import generate
 from diffusion.logger import make_logger
 from diffusion.model import build_model
+from diffusion.recipe import choose_recipe
+from diffusion.runtime import resolve_device
 from diffusion.visuals import save_grid, save_loss_curve
 
 
@@ -69,17 +71,14 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+def setup_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     """(rank, world size, device); joins torchrun's process group when WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.device)
-    if device.type == "cuda":  # TF32 matmuls and convolutions: ~free speed, ample precision for this loss
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = resolve_device(cfg.runtime.device)
     if world == 1:
         return 0, 1, device
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} must divide by the {world} processes")
+    if cfg.train.batch_size % world:
+        raise UserError(f"--batch-size {cfg.train.batch_size} must divide by the {world} processes")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -104,48 +103,52 @@ def set_rng_state(state: dict) -> None:
 class TrainingRun:
     """Everything a training run owns: model, EMA, optimizer, schedule, data and counters."""
 
-    def __init__(self, cfg: Config, rank: int = 0, world: int = 1, device: torch.device | None = None,
+    def __init__(self, cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | None = None,
                  model: torch.nn.Module | None = None):
         """`model` replaces the config's U-Net (any net with eps = net(x, t, labels)); the benchmarks use it."""
         self.rank, self.world = rank, world
-        self.device = device or resolve_device(cfg.device)
-        self.images, self.labels = load_images(cfg, train=True)
+        self.device = device or resolve_device(cfg.runtime.device)
+        self.images, self.labels = load_images(cfg.data, train=True, image_size=cfg.model.image_size)
         shape = dataset_shape(self.images, self.labels)
-        if cfg.num_classes == 0:  # unconditional training stays available
+        if cfg.model.num_classes == 0:  # unconditional training stays available
             shape["num_classes"] = 0
-        self.cfg = cfg = dataclasses.replace(cfg, **shape)
+        shape["learned_unconditional"] = shape["num_classes"] == 0 or cfg.train.p_uncond > 0
+        self.cfg = cfg = cfg.replace(model=cfg.model.replace(**shape))
+        # the preview's recipe, chosen now: a setting it refuses stops the run before any training
+        self.preview_recipe = choose_recipe(cfg.model, cfg.sample, task="preview", labelled=cfg.model.num_classes > 0)
+        self.preview_runtime = None
         self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
-        torch.manual_seed(cfg.seed)
-        self.model = (model or build_model(cfg)).to(self.device)
-        self.precision = self.choose_precision()
-        if self.precision.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(cfg.ema_decay))
+        torch.manual_seed(cfg.runtime.seed)
+        self.model = (model or build_model(cfg.model, cfg.train.dropout)).to(self.device)
+        self.runtime = setup_runtime(cfg.runtime, cfg.model, self.model, "train", min(cfg.train.batch_size, 64),
+                                     device=self.device, world=world, verbose=rank == 0)
+        self.model = self.runtime.prepare(self.model)
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(cfg.train.ema_decay))
         self.ema.requires_grad_(False)
         self.wrapped_model = self.model  # what the step calls: the model, or DDP / torch.compile around it
         if world > 1:
             self.wrapped_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.eager_model = self.wrapped_model  # for the epoch's shorter last batch: see train_step
-        if cfg.compile:
+        if cfg.train.compile:
             self.wrapped_model = torch.compile(self.wrapped_model)
         fused = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-        self.steps_per_epoch = num_batches(len(self.epoch_order(0)), cfg.batch_size // world)
-        self.budget = 60 * cfg.minutes  # seconds of training; 0 = train for cfg.epochs
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **fused)
+        self.steps_per_epoch = num_batches(len(self.epoch_order(0)), cfg.train.batch_size // world)
+        self.budget = 60 * cfg.train.minutes  # seconds of training; 0 = train for cfg.train.epochs
         self.trained_seconds, self.clock = 0.0, time.monotonic()  # training time, summed over resumed sessions
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda_budget(cfg.warmup_steps, self) if self.budget else
-            lr_lambda(cfg.warmup_steps, cfg.epochs * self.steps_per_epoch))
-        self.schedule = schedule_from_config(cfg).to(self.device)
-        self.loss_weights = min_snr_weights(self.schedule, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
-        self.gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + rank)  # t, noise, label drops
+            self.opt, lr_lambda_budget(cfg.train.warmup_steps, self) if self.budget else
+            lr_lambda(cfg.train.warmup_steps, cfg.train.epochs * self.steps_per_epoch))
+        self.schedule = schedule_from_config(cfg.model).to(self.device)
+        self.loss_weights = min_snr_weights(self.schedule, cfg.train.min_snr_gamma) if cfg.train.min_snr_gamma else None
+        self.gen = torch.Generator(self.device).manual_seed(cfg.runtime.seed * 1000 + rank)  # t, noise, label drops
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.epoch_loss = torch.zeros((), device=self.device)
         self.history: list[dict] = []  # one record per epoch
         self.curve: list[list[float]] = []  # [step, loss] at every progress-bar update
-        self.save_interval = parse_interval(cfg.save_every)
-        self.logger = make_logger(cfg.logger, cfg.out_dir, rank)
+        self.save_interval = parse_interval(cfg.train.save_every)
+        self.logger = make_logger(cfg.train.logger, cfg.runtime.out_dir, rank)
         self.saved_at = time.monotonic()
 
     def tick(self) -> None:
@@ -154,16 +157,8 @@ class TrainingRun:
         self.trained_seconds += now - self.clock
         self.clock = now
 
-    def choose_precision(self) -> Precision:
-        """bf16 or fp32, channels_last or NCHW: timed on this machine (autotune.py). Ranks of a torchrun job
-        would time differently, so they take the first candidate instead of measuring."""
-        if self.world > 1:
-            return candidates(self.cfg, self.device)[0]
-        return choose_precision(self.cfg, self.device, self.model, "train", min(self.cfg.batch_size, 64),
-                                verbose=self.rank == 0)
-
     def epoch_order(self, epoch: int) -> torch.Tensor:
-        return epoch_order(len(self.images), self.cfg.seed, epoch, self.rank, self.world, self.cfg.batch_size)
+        return epoch_order(len(self.images), self.cfg.runtime.seed, epoch, self.rank, self.world, self.cfg.train.batch_size)
 
     # --- checkpoints ---
     def state(self) -> dict:
@@ -173,12 +168,13 @@ class TrainingRun:
                 "lr_schedule": self.lr_scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch, "epoch_loss": self.epoch_loss,
                 "generator": self.gen.get_state(), "rng": rng_state(), "history": self.history,
-                "curve": self.curve, "trained_seconds": self.trained_seconds, "config": self.cfg.to_dict(),
-                "format": FORMAT}
+                "curve": self.curve, "trained_seconds": self.trained_seconds, "format": FORMAT,
+                "model_config": self.cfg.model.to_dict(), "train_config": self.cfg.train.to_dict(),
+                "data_config": self.cfg.data.to_dict()}
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, self.device)
-        check_trained_fields(state["config"], self.cfg, path)
+        check_same_model(model_config(state, path), self.cfg.model, path)
         load_weights(self.model, state["model"], path)
         load_weights(self.ema.module, state["ema"], path)
         try:
@@ -196,32 +192,31 @@ class TrainingRun:
 
     def save(self, name: str) -> Path:
         """Write a checkpoint unless the weights went non-finite (then the last good one stays `latest`)."""
-        path = Path(self.cfg.ckpt_dir) / name
+        path = Path(self.cfg.runtime.ckpt_dir) / name
         if not weights_finite(self.model, self.ema.module):
             raise UserError(f"the weights became non-finite by step {self.step}; not saving {path.name}. "
-                            f"Last good checkpoint: {_describe_latest(self.cfg.ckpt_dir)}. Try a lower --lr")
-        save_checkpoint(self.state(), path, self.cfg.keep_last if name.startswith(("epoch_", "step_")) else 0)
+                            f"Last good checkpoint: {_describe_latest(self.cfg.runtime.ckpt_dir)}. Try a lower --lr")
+        save_checkpoint(self.state(), path, self.cfg.train.keep_last if name.startswith(("epoch_", "step_")) else 0)
         self.saved_at = time.monotonic()
         return path
 
     # --- one step of Algorithm 1 ---
     def train_step(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        if self.precision.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        if cfg.num_classes:  # drop labels to "no label" so one net learns both eps_c and eps_u
-            drop = torch.rand(y.shape, device=y.device, generator=self.gen) < cfg.p_uncond
-            y = torch.where(drop, torch.full_like(y, cfg.num_classes), y)
+        x0 = self.runtime.batch(x0)
+        if cfg.model.num_classes:  # drop labels to "no label" so one net learns both eps_c and eps_u
+            drop = torch.rand(y.shape, device=y.device, generator=self.gen) < cfg.train.p_uncond
+            y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y)
         # A compiled model meeting a new batch size recompiles (70 s on an H100 for 60000 % 128 = 96 images),
         # longer than the eager model takes for that one batch.
-        net = self.wrapped_model if len(x0) == cfg.batch_size // self.world else self.eager_model
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision.bf16):
-            loss = diffusion_loss(lambda xt, t: net(xt, t, y if cfg.num_classes else None),
+        net = self.wrapped_model if len(x0) == cfg.train.batch_size // self.world else self.eager_model
+        with self.runtime.autocast():
+            loss = diffusion_loss(lambda xt, t: net(xt, t, y if cfg.model.num_classes else None),
                                   x0, self.schedule, self.gen, self.loss_weights)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip:  # 0 means no clipping (clip_grad_norm_ would scale every gradient to zero)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if cfg.train.grad_clip:  # 0 means no clipping (clip_grad_norm_ would scale every gradient to zero)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
         self.opt.step()
         self.lr_scheduler.step()
         self.ema.update_parameters(self.model)
@@ -246,9 +241,9 @@ def train_one_epoch(run: TrainingRun, stop: StopFlag) -> str:
     cfg = run.cfg
     order = run.epoch_order(run.epoch)
     bad_step = torch.full((), -1, device=run.device)  # first step with a non-finite loss, kept on device
-    bar = tqdm(batches(run.images, run.labels, order, cfg.batch_size // run.world, run.batch_in_epoch),
+    bar = tqdm(batches(run.images, run.labels, order, cfg.train.batch_size // run.world, run.batch_in_epoch),
                total=run.steps_per_epoch, initial=run.batch_in_epoch, disable=run.rank != 0,
-               desc=f"epoch {run.epoch + 1}" + (f" ({cfg.minutes:g} min budget)" if run.budget else f"/{cfg.epochs}"),
+               desc=f"epoch {run.epoch + 1}" + (f" ({cfg.train.minutes:g} min budget)" if run.budget else f"/{cfg.train.epochs}"),
                unit="batch", dynamic_ncols=True)
     for x0, y in bar:
         run.tick()
@@ -257,7 +252,7 @@ def train_one_epoch(run: TrainingRun, stop: StopFlag) -> str:
         run.epoch_loss += loss
         run.step += 1
         run.batch_in_epoch += 1
-        if run.step % cfg.log_every == 0 or run.batch_in_epoch == run.steps_per_epoch:
+        if run.step % cfg.train.log_every == 0 or run.batch_in_epoch == run.steps_per_epoch:
             # a host sync point: read the loss, check for NaN and for a stop signal from any rank
             check_finite(bad_step, run)
             run.curve.append([run.step, loss.item()])
@@ -282,7 +277,7 @@ def budget_spent(run: TrainingRun) -> bool:
     run.tick()
     if run.world == 1:
         return run.trained_seconds >= run.budget
-    if run.step % run.cfg.log_every:
+    if run.step % run.cfg.train.log_every:
         return False
     flag = torch.tensor(float(run.trained_seconds >= run.budget), device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -302,7 +297,7 @@ def snapshot_due(run: TrainingRun) -> bool:
 def stop_requested(stop: StopFlag, run: TrainingRun) -> bool:
     if run.world == 1:
         return stop.signum != 0
-    if run.step % run.cfg.log_every:  # ranks agree only at sync points, so all stop at the same step
+    if run.step % run.cfg.train.log_every:  # ranks agree only at sync points, so all stop at the same step
         return False
     flag = torch.tensor(float(stop.signum), device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -312,7 +307,7 @@ def stop_requested(stop: StopFlag, run: TrainingRun) -> bool:
 def check_finite(bad_step: torch.Tensor, run: TrainingRun) -> None:
     step = int(bad_step.item())
     if step >= 0:
-        last = _describe_latest(run.cfg.ckpt_dir)
+        last = _describe_latest(run.cfg.runtime.ckpt_dir)
         raise UserError(f"loss became non-finite at step {step + 1} (epoch {run.epoch + 1}); stopped without "
                         f"saving. Last good checkpoint: {last}. Try a lower --lr or --grad-clip")
 
@@ -333,8 +328,8 @@ def end_of_epoch(run: TrainingRun, seconds: float, images_seen: int) -> None:
     run.history.append(record)
     if run.rank != 0:
         return
-    path = run.save(f"epoch_{run.epoch:03d}.pth")
-    of_total = "" if run.budget else f"/{run.cfg.epochs}"
+    path = run.save(epoch_name(run.epoch))
+    of_total = "" if run.budget else f"/{run.cfg.train.epochs}"
     tqdm.write(f"epoch {run.epoch}{of_total}  mean loss {mean_loss:.4f}  "
                f"{record['images_per_s']:.0f} images/s  {seconds:.0f}s  -> {path}")
     write_pictures(run, record)
@@ -345,57 +340,55 @@ def end_of_budget(run: TrainingRun) -> None:
     if run.rank != 0:
         return
     path = run.save("final.pth")
-    tqdm.write(f"time budget of {run.cfg.minutes:g} min spent at step {run.step} (epoch {run.epoch + 1}, "
+    tqdm.write(f"time budget of {run.cfg.train.minutes:g} min spent at step {run.step} (epoch {run.epoch + 1}, "
                f"{run.batch_in_epoch}/{run.steps_per_epoch} batches) -> {path}")
-    out = Path(run.cfg.out_dir)
-    if run.cfg.sample_every:
+    out = Path(run.cfg.runtime.out_dir)
+    if run.cfg.train.sample_every:
         out.mkdir(parents=True, exist_ok=True)
-        save_grid(preview_samples(run.ema.module, run.cfg, run.device), out / "final.png", nrow=10)
+        save_grid(preview_samples(run), out / "final.png", nrow=10)
 
 
 def write_pictures(run: TrainingRun, record: dict) -> None:
-    out = Path(run.cfg.out_dir)
+    out = Path(run.cfg.runtime.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     run.logger.scalars(run.step, {"epoch/mean_loss": record["loss"], "epoch/images_per_s": record["images_per_s"]})
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     save_loss_curve(run.history, run.curve, out / "loss_curve.png")
-    if run.cfg.sample_every and run.epoch % run.cfg.sample_every == 0:
-        preview = preview_samples(run.ema.module, run.cfg, run.device)
+    if run.cfg.train.sample_every and run.epoch % run.cfg.train.sample_every == 0:
+        preview = preview_samples(run)
         save_grid(preview, out / f"epoch_{run.epoch:03d}.png", nrow=10)
         run.logger.image("preview", preview, run.step)
 
 
-def preview_samples(net: torch.nn.Module, cfg: Config, device: torch.device) -> torch.Tensor:
+def preview_samples(run: TrainingRun) -> torch.Tensor:
     """A fixed-seed set from the EMA weights: two per class when conditional, else 20 samples."""
-    n = 20
-    labels = torch.arange(n, device=device) % cfg.num_classes if cfg.num_classes else None
-    # no earlier network to autoguide with: classifier-free guidance, with its own settings where the run kept
-    # the defaults (those suit autoguidance)
-    changed = {name for name in WITHOUT_AUTOGUIDANCE if getattr(cfg, name) != getattr(Config(), name)}
-    cfg = settings_for_guide(cfg, changed, autoguided=False)
-    if cfg.p_uncond == 0:  # no unconditional eps was learned, so guidance has nothing to push away from
-        cfg = dataclasses.replace(cfg, guidance=1.0)
-    return generate(net, cfg, n, labels, device, seed=1234, progress=False)
+    n, model = 20, run.cfg.model
+    if run.preview_runtime is None:
+        run.preview_runtime = setup_runtime(run.cfg.runtime, model, run.ema.module, "sample",
+                                            min(run.preview_recipe.batch, n), device=run.device, verbose=False)
+    labels = torch.arange(n) % model.num_classes if model.num_classes else None
+    return generate(run.ema.module, model, run.preview_recipe, n, labels, run.preview_runtime, seed=1234,
+                    progress=False)
 
 
-def train(cfg: Config, resume: str | None = None) -> TrainingRun:
-    """Train for cfg.epochs, resuming from a checkpoint path or 'latest' when asked."""
+def train(cfg: RunConfig, resume: str | None = None) -> TrainingRun:
+    """Train for cfg.train.epochs, resuming from a checkpoint path or 'latest' when asked."""
+    for folder, what in ((cfg.runtime.ckpt_dir, "--ckpt-dir"), (cfg.runtime.out_dir, "--out-dir")):
+        check_writable_folder(Path(folder), what)  # before any step is spent
     rank, world, device = setup_distributed(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     run = TrainingRun(cfg, rank, world, device)
-    path = find_latest(Path(cfg.ckpt_dir)) if resume == "latest" else Path(resume) if resume else None
+    path = find_latest(Path(cfg.runtime.ckpt_dir)) if resume == "latest" else Path(resume) if resume else None
     if path:
         run.load(path)
         if rank == 0:
             print(f"resumed from {path} at epoch {run.epoch}, step {run.step}")
     elif resume and rank == 0:
-        print(f"nothing to resume in {cfg.ckpt_dir}: starting a fresh run")
+        print(f"nothing to resume in {cfg.runtime.ckpt_dir}: starting a fresh run")
     stop = StopFlag()
     run.clock = time.monotonic()  # time spent loading and resuming is not training time
     try:
-        while (run.trained_seconds < run.budget) if run.budget else (run.epoch < run.cfg.epochs):
+        while (run.trained_seconds < run.budget) if run.budget else (run.epoch < run.cfg.train.epochs):
             t0, done_before = time.perf_counter(), run.batch_in_epoch
             ended = train_one_epoch(run, stop)
             if ended == "signal":
@@ -407,7 +400,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainingRun:
             if ended == "budget":
                 end_of_budget(run)
                 break
-            seen = min((run.steps_per_epoch - done_before) * cfg.batch_size, len(run.images))
+            seen = min((run.steps_per_epoch - done_before) * cfg.train.batch_size, len(run.images))
             end_of_epoch(run, time.perf_counter() - t0, seen)
     finally:
         stop.restore()
