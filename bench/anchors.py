@@ -18,7 +18,6 @@ systems are also scored with guidance w = 2 and balanced labels (what `python -m
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -27,10 +26,21 @@ from pathlib import Path
 
 import torch
 
-from diffusion.config import Config
+from diffusion.config import DataConfig, RunConfig, SampleConfig
 from diffusion.dataloader import to_unit_range
-from diffusion.generation import parse_sampler_spec
+from diffusion.errors import UserError
+from diffusion.main import parse_run
 from diffusion.train import StopFlag, TrainingRun, train_one_epoch
+
+
+def parse_sampler_spec(spec: str) -> dict:
+    """'dpmpp-20' -> sampler dpmpp, 20 steps, eta 0; 'dpmpp-20:1' -> eta 1: SampleConfig's fields."""
+    name_steps, _, eta = spec.partition(":")
+    name, _, steps = name_steps.partition("-")
+    try:
+        return {"sampler": name, "sample_steps": int(steps), "eta": float(eta or 0)}
+    except ValueError:
+        raise UserError(f"a sampler is written NAME-STEPS[:ETA], like dpmpp-20 or ddim-50:1; got {spec!r}") from None
 
 SYSTEMS = ("ours", "diffusers", "lucidrains")
 DESCRIPTION = {
@@ -68,13 +78,14 @@ class LucidrainsNet(torch.nn.Module):
         return self.unet(x, t)
 
 
-def make_run(system: str, cfg: Config) -> TrainingRun:
+def make_run(system: str, cfg: RunConfig) -> TrainingRun:
     """The product's TrainingRun, with the anchor's network in place of the U-Net."""
     if system == "ours":
         return TrainingRun(cfg)
-    cfg = dataclasses.replace(cfg, memory_format="contiguous", num_classes=0 if system == "lucidrains" else cfg.num_classes)
-    torch.manual_seed(cfg.seed)
-    return TrainingRun(cfg, model=DiffusersNet(cfg.num_classes) if system == "diffusers" else LucidrainsNet())
+    cfg = cfg.replace(runtime=cfg.runtime.replace(memory_format="contiguous"),
+                      model=cfg.model.replace(num_classes=0 if system == "lucidrains" else cfg.model.num_classes))
+    torch.manual_seed(cfg.runtime.seed)
+    return TrainingRun(cfg, model=DiffusersNet(cfg.model.num_classes) if system == "diffusers" else LucidrainsNet())
 
 
 def train_for(run: TrainingRun) -> dict:
@@ -88,25 +99,31 @@ def train_for(run: TrainingRun) -> dict:
         stop.restore()
     elapsed = time.perf_counter() - t0
     return {"steps": run.step, "seconds": round(elapsed, 1),
-            "images_per_s": round(run.step * run.cfg.batch_size / elapsed, 1),
+            "images_per_s": round(run.step * run.cfg.train.batch_size / elapsed, 1),
             "params": sum(p.numel() for p in run.model.parameters()), "loss_curve": run.curve}
 
 
 def score(run: TrainingRun, args) -> list[dict]:
-    from diffusion.classifier import load_classifier
-    from diffusion.evaluate import real_sets, sample_for_scoring, scorecard
+    from diffusion.checkpoint import Loaded
+    from diffusion.dataloader import to_uint8
+    from diffusion.digit_classifier import load_classifier
+    from diffusion.generation import generate, prepare, sample_labels
+    from diffusion.metrics import real_sets, scorecard
     from diffusion.visuals import save_grid
 
     clf = load_classifier(Path(args.classifier))
-    reference, floor_images, train = real_sets(run.cfg, args.n)
-    net, rows = run.ema.module.eval(), []
-    modes = ["guided", "unconditional"] if run.cfg.num_classes else ["unconditional"]
+    reference, floor_images, train = real_sets(run.cfg.data, args.n)
+    loaded, rows = Loaded(run.ema.module.eval(), run.cfg.model, Path(args.out), None), []
+    modes = ["guided", "unconditional"] if run.cfg.model.num_classes else ["unconditional"]
     for sampler in args.samplers:
-        cfg = dataclasses.replace(run.cfg, **parse_sampler_spec(sampler), guidance=2.0)
+        asked = SampleConfig(**parse_sampler_spec(sampler), guidance=2.0, guide_checkpoint="none")
         for mode in modes:
             t0 = time.perf_counter()
+            labels = sample_labels(run.cfg.model, args.n, unconditional=mode == "unconditional")
+            recipe, _, runtime = prepare(loaded, asked, run.cfg.runtime, task="sample", labelled=labels is not None,
+                                         n=args.n, verbose=False)
             with torch.inference_mode():
-                images = sample_for_scoring(net, cfg, run.device, args.n, unconditional=mode == "unconditional")
+                images = to_uint8(generate(loaded.net, run.cfg.model, recipe, args.n, labels, runtime)).cpu()
             card = scorecard(clf, images, reference, train)
             card.update(sampler=sampler, mode=mode, sample_seconds=round(time.perf_counter() - t0, 1))
             rows.append(card)
@@ -120,7 +137,8 @@ def score(run: TrainingRun, args) -> list[dict]:
 
 def run_one(args) -> None:
     torch.manual_seed(0)
-    cfg = Config(data_root=args.data_root, ckpt_dir=str(Path(args.out) / args.only), minutes=args.minutes)
+    _, cfg = parse_run(["--data-root", args.data_root, "--ckpt-dir", str(Path(args.out) / args.only),
+                        "--minutes", str(args.minutes)])
     run = make_run(args.only, cfg)
     weights, report = Path(args.out) / f"{args.only}_ema.pth", Path(args.out) / f"{args.only}.json"
     if args.rescore:  # new sampler rows for the weights trained earlier; other rows are kept
@@ -141,12 +159,12 @@ def eps_error(args, timesteps=(999, 900, 500, 200, 50, 5), n: int = 500) -> None
     from diffusion.dataloader import load_images
     from diffusion.diffusion_utils import q_sample
 
-    cfg = Config(data_root=args.data_root)
-    images, labels = load_images(cfg, train=False)
+    _, cfg = parse_run(["--data-root", args.data_root])
+    images, labels = load_images(cfg.data, train=False)
     x0, y = to_unit_range(images[:n]), labels[:n]
     print("\n| system | " + " | ".join(f"t = {t}" for t in timesteps) + " |\n|" + " --- |" * (len(timesteps) + 1))
     for system in args.systems:
-        run = make_run(system, dataclasses.replace(cfg, limit_train=cfg.batch_size))
+        run = make_run(system, cfg.replace(data=cfg.data.replace(limit_train=cfg.train.batch_size)))
         net = run.ema.module.eval()
         net.load_state_dict(torch.load(Path(args.out) / f"{system}_ema.pth", weights_only=True))
         g, errors = torch.Generator().manual_seed(0), []
@@ -178,10 +196,10 @@ def print_table(out: Path, systems) -> None:
 
 
 def main() -> None:
-    from diffusion.classifier import DEFAULT_PATH
+    from diffusion.digit_classifier import DEFAULT_PATH
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=Config().data_root)
+    parser.add_argument("--data-root", default=DataConfig().data_root)
     parser.add_argument("--classifier", default=str(DEFAULT_PATH))
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget per system (wall clock)")
     parser.add_argument("--n", type=int, default=1000, help="samples per scored row (same N for every row)")

@@ -12,14 +12,13 @@ OUT/minutes.png (or --plot). Needs the scorecard's classifier (`python -m diffus
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 from diffusion.checkpoint import load_checkpoint
-from diffusion.config import Config
+from diffusion.config import SampleConfig
 
 
 def run(args: list[str]) -> str:
@@ -51,7 +50,9 @@ def train_and_score(minutes: float, args) -> dict:
 
 def sampling_defaults() -> dict:
     """The sampling settings evaluate uses when given none: a score is only reused while these hold."""
-    return {f.name: str(getattr(Config(), f.name)) for f in dataclasses.fields(Config) if f.metadata["group"] == "sampling"}
+    from diffusion import recipe
+    return {**{k: str(v) for k, v in SampleConfig().to_dict().items()},
+            **{name: str(getattr(recipe, name)) for name in ("AUTOGUIDED", "CLASSIFIER_FREE", "AUTOGUIDED_UNLABELLED")}}
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -8,18 +8,19 @@ import argparse
 
 from torch.profiler import ProfilerActivity, profile
 
-from diffusion.config import Config
+from diffusion.config import DataConfig
 from diffusion.dataloader import to_unit_range
 from diffusion.train import TrainingRun
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=Config().data_root)
+    parser.add_argument("--data-root", default=DataConfig().data_root)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=12)
     args = parser.parse_args()
-    run = TrainingRun(Config(data_root=args.data_root, limit_train=1024))
+    from diffusion.main import parse_run
+    run = TrainingRun(parse_run(["--data-root", args.data_root, "--limit-train", "1024"])[1])
     x0, y = to_unit_range(run.images[:128]), run.labels[:128]
     for _ in range(3):
         run.train_step(x0, y)

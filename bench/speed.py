@@ -80,21 +80,23 @@ def time_steps(step, steps: int, warmup: int = 3) -> float:
 
 
 def ours(name: str, args) -> dict:
-    from diffusion.config import Config
     from diffusion.dataloader import to_unit_range
+    from diffusion.main import parse_run
     from diffusion.train import TrainingRun
 
     overrides = {"compile": True} if name == COMPILED else OURS[name]
-    cfg = Config(data_root=args.data_root, limit_train=args.batch * 4, batch_size=args.batch, **overrides)
+    flags = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+    _, cfg = parse_run(["--data-root", args.data_root, "--limit-train", str(args.batch * 4),
+                        "--batch-size", str(args.batch), *flags])
     run = TrainingRun(cfg)
     x0 = to_unit_range(run.images[: args.batch])
     y = run.labels[: args.batch]
     t = torch.randint(0, 1000, (args.batch,), device=run.device)
-    x_in = x0.contiguous(memory_format=torch.channels_last) if run.precision.channels_last else x0
+    x_in = run.runtime.batch(x0)
     flops = forward_flops(lambda: run.model(x_in, t, y), args.batch)
     seconds = time_steps(lambda: run.train_step(x0, y), args.steps)
     result = {"params": sum(p.numel() for p in run.model.parameters()), "fwd_flops": flops, "step_s": seconds,
-              "precision": run.precision.describe()}
+              "precision": run.runtime.precision.describe()}
     if name == next(iter(OURS)):
         result["sampling"] = sampling_times(run.ema.module, run.cfg, run.device)
     return result
@@ -105,29 +107,37 @@ def sampling_times(net, cfg, device: torch.device) -> dict:
     after a warm-up, one run for DDPM-1000. The default sampler is timed with autoguidance (a second network of
     the same size, as an earlier epoch's checkpoint is) and with classifier-free guidance over three intervals."""
     import copy
-    import dataclasses
     import statistics
+    from pathlib import Path
 
+    from diffusion.autotune import setup_runtime
+    from diffusion.config import SampleConfig
     from diffusion.generation import generate
+    from diffusion.recipe import choose_recipe
 
     out = {}
-    for name, sampler, steps, interval in (("dpmpp-10, autoguided", "dpmpp", 10, cfg.guidance_interval),
-                                           ("dpmpp-10", "dpmpp", 10, cfg.guidance_interval),
+    for name, sampler, steps, interval in (("dpmpp-10, autoguided", "dpmpp", 10, None),
+                                           ("dpmpp-10", "dpmpp", 10, None),
                                            ("dpmpp-10, guided at sigma <= 2", "dpmpp", 10, (0.0, 2.0)),
                                            ("dpmpp-10, guided at every sigma", "dpmpp", 10, (0.0, float("inf"))),
-                                           ("dpmpp-20", "dpmpp", 20, cfg.guidance_interval),
-                                           ("ddim-50", "ddim", 50, cfg.guidance_interval),
-                                           ("ddpm-1000", "ddpm", 1000, cfg.guidance_interval)):
-        c = dataclasses.replace(cfg, sampler=sampler, sample_steps=steps, guidance_interval=interval)
+                                           ("dpmpp-20", "dpmpp", 20, None),
+                                           ("ddim-50", "ddim", 50, None),
+                                           ("ddpm-1000", "ddpm", None, None)):
+        autoguided = "autoguided" in name  # the guide network is a copy: the cost is the same as an earlier epoch's
+        asked = SampleConfig(sampler=sampler, sample_steps=steps, guidance_interval=interval,
+                             guide_checkpoint=str(Path(__file__)) if autoguided else "none")
+        recipe = choose_recipe(cfg.model, asked, task="sample", labelled=True)
+        runtime = setup_runtime(cfg.runtime, cfg.model, net, "sample", 16, device=device, verbose=False)
         labels = torch.arange(16) % 10
         runs = 1 if sampler == "ddpm" else 5
-        weak = copy.deepcopy(net) if "autoguided" in name else None
-        generate(net, c, 16, labels, device, progress=False, weak=weak) if runs > 1 else None
+        weak = copy.deepcopy(net) if autoguided else None
+        if runs > 1:
+            generate(net, cfg.model, recipe, 16, labels, runtime, progress=False, weak=weak)
         seconds = []
         for _ in range(runs):
             sync()
             t0 = time.perf_counter()
-            generate(net, c, 16, labels, device, progress=False, weak=weak)
+            generate(net, cfg.model, recipe, 16, labels, runtime, progress=False, weak=weak)
             sync()
             seconds.append(time.perf_counter() - t0)
         out[name] = statistics.median(seconds)

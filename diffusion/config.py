@@ -312,3 +312,13 @@ class RunConfig:
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+
+def configuration_page() -> str:
+    """docs/configuration.md, whole."""
+    return ("# Configuration\n\nEvery setting of every command, written from the fields in `diffusion/config.py` "
+            "(regenerate with\n`python -c \"import diffusion.config as c; print(c.configuration_page(), end='')\" > "
+            "docs/configuration.md`).\nA command takes the parts it uses and refuses the others' flags with the reason: "
+            "`main` takes all of them,\n`sampling`, `evaluate` and `demo` take sampling and runtime settings, "
+            "`export` only `--ckpt-dir`.\nSampling settings shown as `auto` are chosen by `diffusion/recipe.py` for "
+            "the guide, the labels and the task.\n\n" + markdown_table() + "\n")

@@ -106,11 +106,6 @@ def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, s: Schedule
     return coef_x0 * x0 + coef_xt * xt, values_at(s.posterior_var, t, xt)
 
 
-def p_mean_algorithm2(xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
-    """Algorithm 2's mean: (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t), Eq. 11."""
-    return (xt - values_at(s.beta, t, xt) / (1 - values_at(s.alpha_bar, t, xt)).sqrt() * eps) / values_at(s.alpha, t, xt).sqrt()
-
-
 def min_snr_weights(s: Schedule, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights for eps prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t with
     SNR_t = alpha_bar_t / (1 - alpha_bar_t). Low-noise steps, whose eps is easy and whose gradients fight

@@ -97,7 +97,7 @@ def choose_recipe(model: ModelConfig, asked: SampleConfig, *, task: str, labelle
     else:
         best = CLASSIFIER_FREE if labelled else UNGUIDED
     guidance = best.guidance if asked.guidance is None else asked.guidance
-    if guidance == 1:  # the conditional model alone: no guide network is needed
+    if guidance == 1 and best is not UNGUIDED:  # the conditional model alone: no guide network is needed
         guide, note = None, ""
     eta = eta_for(asked, task, best.eta)
     return Recipe(task=task, sampler=asked.sampler, steps=steps_for(asked, model, labelled), eta=eta,

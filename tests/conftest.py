@@ -88,7 +88,7 @@ def run_inprocess(capsys, module: str, *args: str) -> subprocess.CompletedProces
     """The same CLI entry point without a new interpreter (saves ~3 s of imports per call)."""
     import importlib
 
-    from diffusion.errors import run_cli as entry
+    from diffusion.cli import run_cli as entry
 
     capsys.readouterr()
     try:
@@ -126,3 +126,9 @@ def grid_cells(grid: torch.Tensor, n: int, nrow: int, side: int = 28) -> list[to
         return [grid]
     return [grid[2 + (side + 2) * (i // nrow): 2 + (side + 2) * (i // nrow) + side,
                  2 + (side + 2) * (i % nrow): 2 + (side + 2) * (i % nrow) + side] for i in range(n)]
+
+
+def parse_args(argv: list[str]):
+    """The RunConfig that `python -m diffusion.main ARGV` trains with."""
+    from diffusion.main import parse_run
+    return parse_run(argv)[1]

@@ -1,14 +1,13 @@
 """Precision and memory format chosen by timing, cached per machine and model; results work either way."""
-import dataclasses
-
 import pytest
 import torch
 
 import diffusion.autotune as autotune
-from diffusion.autotune import Precision, candidates, choose_precision
+from diffusion.autotune import candidates, choose_precision, cpu_features
 from diffusion.checkpoint import load_checkpoint
-from diffusion.config import Config
+from diffusion.config import ModelConfig, RuntimeConfig
 from diffusion.model import build_model
+from diffusion.runtime import Precision
 from tests.conftest import TINY, run_cli
 
 CPU = torch.device("cpu")
@@ -21,20 +20,22 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_candidates_follow_the_flags_and_the_device():
-    assert len(candidates(Config(), CPU)) == 4
-    assert candidates(Config(amp="none", memory_format="contiguous"), CPU) == [Precision(False, False)]
-    assert {p.channels_last for p in candidates(Config(amp="bf16"), CPU)} == {True, False}
-    assert len(candidates(Config(), torch.device("cuda"))) == 4  # timed on a GPU too: fp32 can win there
-    assert candidates(Config(amp="bf16", memory_format="channels_last"), torch.device("cuda")) == [Precision(True, True)]
-    assert candidates(Config(), torch.device("mps")) == [Precision(False, False)]
+    R = RuntimeConfig
+    assert len(candidates(R(), CPU)) == 4
+    assert candidates(R(amp="none", memory_format="contiguous"), CPU) == [Precision(False, False)]
+    assert {p.channels_last for p in candidates(R(amp="bf16"), CPU)} == {True, False}
+    assert len(candidates(R(), torch.device("cuda"))) == 4  # timed on a GPU too: fp32 can win there
+    assert candidates(R(amp="bf16", memory_format="channels_last"), torch.device("cuda")) == [Precision(True, True)]
+    assert candidates(R(), torch.device("mps")) == [Precision(False, False)]
 
 
 def test_the_fastest_is_chosen_said_and_cached(cache, monkeypatch, capsys):
     speed = {Precision(False, True): 0.30, Precision(False, False): 0.35, Precision(True, True): 0.25,
              Precision(True, False): 0.18}
     monkeypatch.setattr(autotune, "time_candidates", lambda model, cfg, device, options, purpose, batch: speed)
-    cfg, model = Config(), build_model(Config())
-    assert choose_precision(cfg, CPU, model, "train", 64) == Precision(True, False)
+    cfg, model_cfg = RuntimeConfig(), ModelConfig()
+    model = build_model(model_cfg)
+    assert choose_precision(cfg, model_cfg, CPU, model, "train", 64) == Precision(True, False)
     line = capsys.readouterr().out
     assert "bf16 + NCHW, the fastest here" in line and "fp32 + channels_last 0.300" in line and str(cache) in line
     assert cache.exists()
@@ -42,30 +43,38 @@ def test_the_fastest_is_chosen_said_and_cached(cache, monkeypatch, capsys):
     def no_measuring(*args):
         raise AssertionError("a cached choice must not be measured again")
     monkeypatch.setattr(autotune, "time_candidates", no_measuring)
-    assert choose_precision(cfg, CPU, model, "train", 64) == Precision(True, False)
+    assert choose_precision(cfg, model_cfg, CPU, model, "train", 64) == Precision(True, False)
     with pytest.raises(AssertionError):  # another model, purpose or batch is another question
-        choose_precision(dataclasses.replace(cfg, base_channels=16), CPU, model, "train", 64)
+        choose_precision(cfg, model_cfg.replace(base_channels=16), CPU, model, "train", 64)
     with pytest.raises(AssertionError):
-        choose_precision(cfg, CPU, model, "sample", 64)
+        choose_precision(cfg, model_cfg, CPU, model, "sample", 64)
+    monkeypatch.setattr(autotune, "cpu_features", lambda: "AVX512 amx_bf16")  # same name, other instructions
+    with pytest.raises(AssertionError):
+        choose_precision(cfg, model_cfg, CPU, model, "train", 64)
+
+
+def test_the_cache_key_names_the_vector_instructions_torch_uses():
+    key = autotune.cache_key(ModelConfig(), CPU, "train", 64)
+    assert f"[{cpu_features()}]" in key and torch.backends.cpu.get_cpu_capability() in cpu_features()
 
 
 def test_an_unwritable_cache_still_gives_an_answer(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     monkeypatch.setenv("DIFFUSION_CACHE_DIR", str(blocker / "sub"))
-    got = choose_precision(Config(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,)), CPU,
-                           build_model(Config(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,))),
-                           "sample", 4, verbose=False)
-    assert got in candidates(Config(), CPU)
+    small = ModelConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,))
+    got = choose_precision(RuntimeConfig(), small, CPU, build_model(small), "sample", 4, verbose=False)
+    assert got in candidates(RuntimeConfig(), CPU)
 
 
 def test_real_timing_of_each_candidate_runs(cache):
-    cfg = Config(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,))
+    cfg = ModelConfig(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,))
     model = build_model(cfg)
     before = [p.clone() for p in model.parameters()]
     for purpose in ("train", "sample"):
-        seconds = autotune.time_candidates(model, cfg, CPU, candidates(cfg, CPU), purpose, 4)
-        assert set(seconds) == set(candidates(cfg, CPU)) and all(0 < s < 10 for s in seconds.values())
+        options = candidates(RuntimeConfig(), CPU)
+        seconds = autotune.time_candidates(model, cfg, CPU, options, purpose, 4)
+        assert set(seconds) == set(options) and all(0 < s < 10 for s in seconds.values())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "timing must not touch the model"
 
 

@@ -209,7 +209,7 @@ def test_tensorboard_logger_without_tensorboard_is_one_line(tmp_path, data_root)
     from tests.conftest import ROOT
 
     code = ("import sys; sys.modules['torch.utils.tensorboard'] = None\n"  # as if tensorboard were not installed
-            "from diffusion.main import main\nfrom diffusion.errors import run_cli\nrun_cli(main)")
+            "from diffusion.main import main\nfrom diffusion.cli import run_cli\nrun_cli(main)")
     res = subprocess.run([sys.executable, "-c", code, *TINY, "--logger", "tensorboard", "--data-root", str(data_root),
                           "--ckpt-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert_clean_error(res, "pip install")

@@ -26,9 +26,10 @@ def test_training_prints_mean_loss_and_checkpoints_every_epoch(trained):
     assert sorted(p.name for p in (work / "ck").glob("*.pth")) == ["epoch_001.pth", "epoch_002.pth"]
     assert (work / "ck" / "latest").read_text().strip() == "epoch_002.pth"
     state = load_checkpoint(work / "ck" / "epoch_002.pth")
-    assert {"model", "ema", "optimizer", "epoch", "step", "config"} <= state.keys()
-    assert state["epoch"] == 2 and state["step"] == 8 and isinstance(state["config"], dict)
-    assert state["config"]["base_channels"] == 8 and state["config"]["num_classes"] == 10
+    assert {"model", "ema", "optimizer", "epoch", "step", "model_config", "train_config"} <= state.keys()
+    assert state["epoch"] == 2 and state["step"] == 8 and state["format"] == 3
+    assert state["model_config"]["base_channels"] == 8 and state["model_config"]["num_classes"] == 10
+    assert state["model_config"]["learned_unconditional"] is True
 
 
 def test_training_writes_pictures_and_metrics(trained):
@@ -91,44 +92,41 @@ def help_entries(module: str) -> dict[str, str]:
 
 
 def test_help_gives_every_flag_a_sentence_and_the_real_default():
-    import dataclasses
-
-    from diffusion.config import Config, _flag, show
+    from diffusion.config import PARTS, fields_of, flag_name, show
 
     entries = help_entries("diffusion.main")
-    for f in dataclasses.fields(Config):
-        flag = f"--{_flag(f.name)}"
+    for part, f in fields_of(*PARTS):
+        flag = flag_name(f.name)
         assert flag in entries, f"{flag} is missing from --help"
         assert len(entries[flag].split()) >= 4, f"{flag} has no help sentence: {entries[flag]!r}"
         if f.name != "data_root":
-            assert entries[flag].endswith(f"(default: {show(getattr(Config(), f.name))})"), (flag, entries[flag])
-    assert "--resume" in entries
+            assert entries[flag].endswith(f"(default: {show(getattr(part(), f.name))})"), (flag, entries[flag])
+    assert "--resume" in entries and "--debug" in entries
 
 
-@pytest.mark.parametrize("module", ["diffusion.sampling", "diffusion.evaluate"])
-def test_sampling_and_evaluate_show_no_training_flag(module):
-    import dataclasses
-
-    from diffusion.config import Config, _flag
+@pytest.mark.parametrize("module,takes", [
+    ("diffusion.sampling", {"SampleConfig", "RuntimeConfig"}),
+    ("diffusion.evaluate", {"SampleConfig", "RuntimeConfig", "data_root", "download"}),
+    ("diffusion.demo", {"SampleConfig", "device", "threads", "amp", "memory_format", "seed", "ckpt_dir"}),
+    ("diffusion.export", {"ckpt_dir"}),
+    ("diffusion.classifier", {"data_root", "download", "limit_train"}),
+])
+def test_each_command_shows_the_flags_of_the_parts_it_takes_and_one_debug(module, takes):
+    from diffusion.config import PARTS, fields_of, flag_name
 
     entries = help_entries(module)
-    for f in dataclasses.fields(Config):
-        shown = f"--{_flag(f.name)}" in entries
-        assert shown == (f.metadata["group"] in ("sampling", "runtime") or f.name in ("data_root", "download")
-                         and module == "diffusion.evaluate"), f.name
-    assert all(len(text.split()) >= 2 for text in entries.values()), entries
+    for part, f in fields_of(*PARTS):
+        assert (flag_name(f.name) in entries) == (part.__name__ in takes or f.name in takes), (module, f.name)
+    assert "--debug" in entries and all(len(text.split()) >= 2 for text in entries.values()), entries
 
 
-def test_sampling_settings_come_from_this_version_architecture_from_the_checkpoint(trained):
-    from diffusion.config import Config
-    from diffusion.generation import load_for_sampling
+def test_a_checkpoint_holds_no_sampling_or_runtime_setting(trained):
+    from diffusion.config import PARTS, RuntimeConfig, SampleConfig, fields_of
 
-    path = trained[0] / "ck" / "epoch_002.pth"
-    assert load_checkpoint(path)["config"]["sample_steps"] == 4  # the run's own setting
-    _, cfg, _ = load_for_sampling(path, {})
-    assert cfg.sample_steps == Config().sample_steps and cfg.base_channels == 8 and cfg.timesteps == 50
-    _, cfg, _ = load_for_sampling(path, {"sample_steps": 7, "sampler": "ddim"})
-    assert (cfg.sample_steps, cfg.sampler) == (7, "ddim")
+    state = load_checkpoint(trained[0] / "ck" / "epoch_002.pth")
+    stored = {k for part in ("model_config", "train_config", "data_config") for k in state[part]} | set(state)
+    assert not stored & {f.name for _, f in fields_of(SampleConfig, RuntimeConfig)}, "sampling or runtime field saved"
+    assert "config" not in state and len(PARTS) == 5
 
 
 def test_tensorboard_logger_records_loss_and_preview(tmp_path, data_root):
@@ -176,3 +174,17 @@ def test_exported_pair_reproduces_the_autoguided_default(trained, tmp_path):
     assert pair.returncode == 0 and auto.returncode == 0, pair.stderr + auto.stderr
     assert "autoguidance by e1" in pair.stdout
     assert np.array_equal(np.load(tmp_path / "pair.npy"), np.load(tmp_path / "auto.npy"))
+
+
+def test_the_papers_ddpm_is_one_command_that_says_what_it_is(trained, tmp_path):
+    ck = str(trained[0] / "ck")
+    paper = run_cli("diffusion.sampling", "--ckpt-dir", ck, "--paper", "--num-images", "4",
+                    "--output", str(tmp_path / "p.png"), "--npy", str(tmp_path / "p.npy"))
+    spelled = run_cli("diffusion.sampling", "--ckpt-dir", ck, "--sampler", "ddpm", "--unconditional",
+                      "--guide-checkpoint", "none", "--num-images", "4", "--output", str(tmp_path / "s.png"),
+                      "--npy", str(tmp_path / "s.npy"))
+    assert paper.returncode == 0 and spelled.returncode == 0, paper.stderr + spelled.stderr
+    assert "(ddpm-50, no guidance, no labels)" in paper.stdout
+    assert np.array_equal(np.load(tmp_path / "p.npy"), np.load(tmp_path / "s.npy"))
+    clash = run_cli("diffusion.sampling", "--ckpt-dir", ck, "--paper", "--sampler", "ddim")
+    assert clash.returncode == 2 and "--paper" in clash.stderr and "Traceback" not in clash.stderr

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.config import Config
+from diffusion.config import DataConfig
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, to_uint8, to_unit_range
 from tests.conftest import TINY, make_fake_mnist, run_cli
 
@@ -18,10 +18,10 @@ def test_pixels_in_unit_range_and_back():
 
 
 def test_mnist_loads_whole_set_as_uint8(data_root):
-    images, labels = load_images(Config(data_root=str(data_root)))
+    images, labels = load_images(DataConfig(data_root=str(data_root)))
     assert images.dtype == torch.uint8 and images.shape[1:] == (1, 28, 28) and len(images) == len(labels)
     assert dataset_shape(images, labels) == {"channels": 1, "image_size": 28, "num_classes": 10}
-    limited, _ = load_images(Config(data_root=str(data_root), limit_train=100))
+    limited, _ = load_images(DataConfig(data_root=str(data_root), limit_train=100))
     assert torch.equal(limited, images[:100])
 
 
@@ -51,7 +51,7 @@ def test_batches_cover_the_order_and_resume_skips():
 
 def test_fashion_mnist_from_torchvision_layout(tmp_path):
     root = make_fake_mnist(tmp_path, folder="FashionMNIST")
-    images, labels = load_images(Config(dataset="fashion-mnist", data_root=str(root), download=False))
+    images, labels = load_images(DataConfig(dataset="fashion-mnist", data_root=str(root), download=False))
     assert images.shape[1:] == (1, 28, 28) and int(labels.max()) == 9
 
 
@@ -68,7 +68,7 @@ def make_folder(root, mode: str, n_per_class: int = 6, size: int = 20):
 @pytest.mark.parametrize("mode,channels", [("RGB", 3), ("L", 1)])
 def test_image_folder_channels_and_classes(tmp_path, mode, channels):
     root = make_folder(tmp_path / "imgs", mode)
-    images, labels = load_images(Config(dataset="folder", data_root=str(root), image_size=16))
+    images, labels = load_images(DataConfig(dataset="folder", data_root=str(root)), image_size=16)
     assert images.shape == (18, channels, 16, 16)
     assert dataset_shape(images, labels) == {"channels": channels, "image_size": 16, "num_classes": 3}
 
@@ -79,7 +79,7 @@ def test_folder_dataset_trains_and_samples_end_to_end(tmp_path):
                   "--epochs", "1", "--batch-size", "6", "--ckpt-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "o"))
     assert res.returncode == 0, res.stderr
     from diffusion.checkpoint import load_checkpoint
-    cfg = load_checkpoint(tmp_path / "ck" / "epoch_001.pth")["config"]
+    cfg = load_checkpoint(tmp_path / "ck" / "epoch_001.pth")["model_config"]
     assert (cfg["channels"], cfg["num_classes"], cfg["image_size"]) == (3, 3, 16)
     res = run_cli("diffusion.sampling", "--ckpt-dir", str(tmp_path / "ck"), "--digit", "2", "--num-images", "4",
                   "--output", str(tmp_path / "s.png"))

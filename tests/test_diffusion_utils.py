@@ -4,11 +4,17 @@ import math
 import pytest
 import torch
 
-from diffusion.diffusion_utils import (diffusion_loss, make_schedule, min_snr_weights, p_mean_algorithm2, predict_eps, predict_x0,
-                                       q_posterior, q_sample)
+from diffusion.diffusion_utils import (diffusion_loss, make_schedule, min_snr_weights, predict_eps, predict_x0,
+                                       q_posterior, q_sample, values_at)
 from diffusion.samplers import sample_ddpm
 
 F64 = torch.float64
+
+
+def p_mean_algorithm2(xt, t, eps, s):
+    """Algorithm 2's mean, as the paper writes it: (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t), Eq. 11."""
+    at = lambda v: values_at(v, t, xt)  # noqa: E731
+    return (xt - at(s.beta) / (1 - at(s.alpha_bar)).sqrt() * eps) / at(s.alpha).sqrt()
 
 
 @pytest.fixture(scope="module")
@@ -159,14 +165,14 @@ def test_linear_betas_scale_with_T_and_keep_the_paper_at_1000():
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_every_T_the_config_accepts_ends_in_noise(kind):
     """x_T ~ N(0, I) is where every sampler starts: the config refuses any T whose schedule leaves signal."""
-    from diffusion.config import MAX_FINAL_ALPHA_BAR, Config
+    from diffusion.config import MAX_FINAL_ALPHA_BAR, ModelConfig
     from diffusion.errors import UserError
 
     accepted = []
     for beta_end in (0.02, 0.01, 0.005):
         for T in range(1, 2001):
             try:
-                Config(timesteps=T, schedule=kind, beta_end=beta_end, sample_steps=1)
+                ModelConfig(timesteps=T, schedule=kind, beta_end=beta_end)
             except UserError:
                 continue
             s = make_schedule(kind, T, beta_end=beta_end, dtype=F64)

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from diffusion.checkpoint import load_checkpoint
-from diffusion.config import from_dict, parse_args
+from diffusion.checkpoint import model_config
 from diffusion.model import build_model
 from tests.conftest import ROOT, TINY, run_cli
 
@@ -28,6 +28,7 @@ def worker(rank: int, world: int, port: int, argv: list, out: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from diffusion.train import train
+    from tests.conftest import parse_args
     run = train(parse_args(argv))
     torch.save({"model": run.model.state_dict(), "ema": run.ema.module.state_dict(), "history": run.history},
                f"{out}/rank{rank}.pt")
@@ -95,7 +96,7 @@ def test_cuda_path_flags_on_cpu_compile_and_bf16(data_root, tmp_path):
     state = load_checkpoint(tmp_path / "epoch_001.pth")
     assert all(math.isfinite(r["loss"]) for r in state["history"])
     assert not any("_orig_mod" in k for k in state["model"]), "weights saved from the compiled wrapper"
-    assert state["model"].keys() == build_model(from_dict(state["config"])).state_dict().keys()
+    assert state["model"].keys() == build_model(model_config(state, "x")).state_dict().keys()
     out = run_cli("diffusion.sampling", "--checkpoint", str(tmp_path / "epoch_001.pth"), "--output",
                   str(tmp_path / "g.png"), "--amp", "bf16")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -103,19 +104,22 @@ def test_cuda_path_flags_on_cpu_compile_and_bf16(data_root, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_sampling_takes_labels_from_the_cpu(data_root, tmp_path):
-    from diffusion.config import Config
+    from diffusion.config import ModelConfig, SampleConfig
     from diffusion.generation import generate
-    cfg = Config(data_root=str(data_root))
+    from diffusion.recipe import choose_recipe
+    from diffusion.runtime import Runtime
+    cfg = ModelConfig()
     net = build_model(cfg).to("cuda")
-    images = generate(net, cfg, 4, torch.arange(4), torch.device("cuda"), progress=False)
+    recipe = choose_recipe(cfg, SampleConfig(guide_checkpoint="none"), task="sample", labelled=True)
+    images = generate(net, cfg, recipe, 4, torch.arange(4), Runtime(torch.device("cuda")), progress=False)
     assert images.shape == (4, 1, 28, 28) and images.is_cuda
 
 
 def test_compiled_model_skips_the_shorter_last_batch(data_root, monkeypatch):
     """A compiled model meeting a new batch size recompiles (over a minute on an H100): the epoch's shorter
     last batch goes through the eager model, which shares its weights."""
-    from diffusion.config import Config
     from diffusion.train import TrainingRun
+    from tests.conftest import parse_args
     calls = []
 
     class Spy(torch.nn.Module):  # stands in for torch.compile's wrapper and counts its batches
@@ -128,8 +132,9 @@ def test_compiled_model_skips_the_shorter_last_batch(data_root, monkeypatch):
             return self.module(x, t, y)
 
     monkeypatch.setattr(torch, "compile", Spy)
-    cfg = Config(data_root=str(data_root), limit_train=40, batch_size=16, compile=True, device="cpu",
-                 amp="none", memory_format="contiguous", base_channels=8, channel_mults=(1, 2), sample_every=0)
+    cfg = parse_args(["--data-root", str(data_root), "--limit-train", "40", "--batch-size", "16", "--compile",
+                      "--device", "cpu", "--amp", "none", "--memory-format", "contiguous", "--base-channels", "8",
+                      "--channel-mults", "1", "2", "--sample-every", "0"])
     run = TrainingRun(cfg)
     x0, y = run.images[:16].float() / 127.5 - 1, run.labels[:16]
     run.train_step(x0, y)

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion.classifier import DigitCNN, accuracy, train_classifier
-from diffusion.config import Config
+from diffusion.config import DataConfig
 from diffusion.dataloader import load_images, to_unit_range
 from diffusion.errors import UserError
-from diffusion.evaluate import (frechet_distance, frechet_distance_gaussians, memorisation, precision_recall, scorecard,
+from diffusion.digit_classifier import DigitCNN, accuracy, load_classifier, train_classifier
+from diffusion.metrics import (frechet_distance, frechet_distance_gaussians, memorisation, precision_recall, scorecard,
                                 split_grid)
 from diffusion.visuals import save_grid
 
@@ -18,15 +18,14 @@ from diffusion.visuals import save_grid
 def classifier(data_root, tmp_path_factory):
     """A classifier trained in seconds on a small subset (the full one is not trained in CI)."""
     path = tmp_path_factory.mktemp("clf") / "cnn.pth"
-    acc = train_classifier(Config(data_root=str(data_root), limit_train=3000, batch_size=128), 3, path)
+    acc = train_classifier(DataConfig(data_root=str(data_root), limit_train=3000), 3, path)
     assert acc > 0.8
-    from diffusion.classifier import load_classifier
     return load_classifier(path)
 
 
 @pytest.fixture(scope="module")
 def sets(data_root):
-    cfg = Config(data_root=str(data_root))
+    cfg = DataConfig(data_root=str(data_root))
     train, _ = load_images(cfg, train=True)
     test, _ = load_images(cfg, train=False)
     g = torch.Generator().manual_seed(0)
@@ -122,14 +121,14 @@ def test_grid_split_recovers_images(tmp_path, sets):
 
 
 def test_classifier_accuracy_function(classifier, data_root):
-    test, labels = load_images(Config(data_root=str(data_root)), train=False)
+    test, labels = load_images(DataConfig(data_root=str(data_root)), train=False)
     assert accuracy(classifier, test[:500], labels[:500]) > 0.8
     assert DigitCNN().embed(torch.zeros(2, 1, 28, 28)).shape == (2, 128)
 
 
 def test_scorecard_reads_this_machines_data_root_from_the_environment(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    """A checkpoint stores the data folder of the machine that trained it; DIFFUSION_DATA_ROOT (or --data-root)
-    names this machine's, and wins."""
+    """The scorecard reads this machine's MNIST: DIFFUSION_DATA_ROOT (or --data-root), never a path from the
+    checkpoint."""
     import diffusion.evaluate as evaluate_module
     from tests.conftest import run_inprocess
     seen = []

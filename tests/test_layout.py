@@ -51,3 +51,30 @@ def test_the_cycle_finder_finds_a_planted_circle():
     graph = package_imports()
     graph["visuals"] = graph["visuals"] | {"train"}  # train -> visuals -> train
     assert find_cycle(graph) is not None
+
+
+def commands() -> set[str]:
+    """The modules that are commands: they define main()."""
+    return {path.stem for path in PACKAGE.glob("*.py")
+            if any(isinstance(node, ast.FunctionDef) and node.name == "main" for node in ast.parse(path.read_text()).body)}
+
+
+def test_no_module_imports_a_command():
+    """Commands are thin: they parse, call the library and print; the library never imports one of them."""
+    graph, cmds = package_imports(), commands()
+    assert {"main", "sampling", "evaluate", "demo", "export", "classifier"} <= cmds
+    assert not cmds & {"generation", "recipe", "checkpoint", "metrics", "cli", "train", "config"}
+    offenders = {(module, imported) for module, imports in graph.items() for imported in imports & cmds}
+    assert not offenders, offenders
+
+
+def test_the_command_check_finds_a_planted_import():
+    graph = package_imports()
+    graph["generation"] = graph["generation"] | {"export"}
+    assert {(m, i) for m, imports in graph.items() for i in imports & commands()} == {("generation", "export")}
+
+
+def test_the_debug_flag_and_the_parser_style_live_in_one_place():
+    sources = {path.stem: path.read_text() for path in PACKAGE.glob("*.py")}
+    assert [name for name, text in sources.items() if '"--debug"' in text] == ["cli"]
+    assert [name for name, text in sources.items() if "argparse.ArgumentParser(" in text] == ["cli"]

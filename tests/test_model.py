@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diffusion.config import Config
+from diffusion.config import ModelConfig
 from diffusion.model import UNet, build_model, timestep_embedding
 
 
@@ -30,7 +30,7 @@ def test_output_shape_equals_input_shape(channels, size, mults):
 
 
 def test_default_model_is_small():
-    n = sum(p.numel() for p in build_model(Config()).parameters())
+    n = sum(p.numel() for p in build_model(ModelConfig()).parameters())
     assert 0.5e6 < n < 2e6
 
 

@@ -40,12 +40,13 @@ def test_every_sampler_loop_runs_without_float64():
         timesteps = sampler_timesteps(name, schedule, 5)  # float64 here is fine: CPU, before the loop
         x = torch.randn(2, 1, 28, 28)
         with NoFloat64():
-            out = sampler(model, x, schedule, timesteps, generator=torch.Generator().manual_seed(0), eta=1.0)
+            noise = {} if name == "ddpm" else {"eta": 1.0}
+            out = sampler(model, x, schedule, timesteps, generator=torch.Generator().manual_seed(0), **noise)
         assert torch.isfinite(out).all(), name
 
 
 def test_inpainting_and_interpolated_noise_run_without_float64():
-    from diffusion.config import Config
+    from diffusion.config import ModelConfig
     from diffusion.editing import inpaint
     from diffusion.generation import interpolation_noise
 
@@ -53,7 +54,7 @@ def test_inpainting_and_interpolated_noise_run_without_float64():
     net = UNet(base_channels=8, channel_mults=(1, 2), num_classes=10).eval()
     schedule = make_schedule("linear", 50)
     timesteps = sampler_timesteps("dpmpp", schedule, 5)
-    x_T = interpolation_noise(Config(timesteps=50), 2, seed=0)  # slerp's float64 stays on the CPU, before sampling
+    x_T = interpolation_noise(ModelConfig(timesteps=50), 2, seed=0)  # slerp's float64 stays on the CPU, before sampling
     keep = torch.zeros(1, 1, 28, 28, dtype=torch.bool)
     keep[..., :14, :] = True
     model = guided(net, torch.tensor([1, 7]), 2.0, 10, guide_t=(0, 20))

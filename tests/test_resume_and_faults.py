@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import diffusion.train as train_module
-from diffusion.checkpoint import find_latest, latest_checkpoint, load_checkpoint
-from diffusion.config import parse_args
+from diffusion.checkpoint import find_latest, load_checkpoint, resolve_checkpoint
 from diffusion.errors import UserError
 from diffusion.train import train
-from tests.conftest import ROOT, TINY, run_cli
+from tests.conftest import ROOT, TINY, parse_args, run_cli
 
 
 def tiny_cfg(data_root, ckpt_dir, *extra):
@@ -67,13 +66,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_pat
     monkeypatch.setattr(train_module, "diffusion_loss", poisoned)
     with pytest.raises(UserError, match=r"non-finite at step 6 \(epoch 2\).*epoch_001.pth"):
         train(tiny_cfg(data_root, tmp_path, "--epochs", "3"))
-    assert latest_checkpoint(tmp_path).name == "epoch_001.pth"
+    assert resolve_checkpoint(None, tmp_path).name == "epoch_001.pth"
     assert load_checkpoint(tmp_path / "epoch_001.pth")["step"] == 4
 
 
 def start_training(data_root, ckpt_dir, *extra, prelude: str = ""):
     """Training in a child process, optionally after `prelude` Python code (fault injection)."""
-    code = f"{prelude}\nfrom diffusion.main import main\nfrom diffusion.errors import run_cli\nrun_cli(main)"
+    code = f"{prelude}\nfrom diffusion.main import main\nfrom diffusion.cli import run_cli\nrun_cli(main)"
     args = [*TINY, "--data-root", str(data_root), "--ckpt-dir", str(ckpt_dir), "--out-dir", str(ckpt_dir / "out"),
             "--sample-every", "0", *extra]
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, stdout=subprocess.PIPE,
@@ -112,7 +111,7 @@ def test_signal_saves_state_and_resume_matches_uninterrupted_run(data_root, tmp_
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == 128 + sig, err
     assert f"stopped by {sig.name}" in out and "--resume" in out and "Traceback" not in err
-    state = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    state = load_checkpoint(resolve_checkpoint(None, tmp_path / "run"))
     assert state["step"] > 4
     res = run_cli("diffusion.main", *TINY, *flags, "--data-root", str(data_root), "--ckpt-dir", str(tmp_path / "run"),
                   "--out-dir", str(tmp_path / "run" / "out"), "--sample-every", "0", "--resume")
@@ -145,11 +144,11 @@ def test_sigkill_during_checkpoint_write_loses_nothing(data_root, tmp_path, n):
     assert len(finished) == n // 2
     assert len(list(tmp_path.glob(".*.tmp"))) == 1, "the killed write leaves only its temporary file"
     if finished:  # `latest` moves only after its checkpoint is whole, so it may still name the one before
-        assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 1
+        assert load_checkpoint(resolve_checkpoint(None, tmp_path))["epoch"] == 1
     res = run_cli("diffusion.main", *TINY, "--epochs", "3", "--data-root", str(data_root), "--ckpt-dir", str(tmp_path),
                   "--out-dir", str(tmp_path / "out"), "--sample-every", "0", *(["--resume"] if finished else []))
     assert res.returncode == 0, res.stderr
-    assert load_checkpoint(latest_checkpoint(tmp_path))["epoch"] == 3
+    assert load_checkpoint(resolve_checkpoint(None, tmp_path))["epoch"] == 3
 
 
 def wait_for_new_save(ckpt_dir, proc, after: float, timeout=120):
@@ -212,7 +211,7 @@ def test_non_finite_weights_are_never_saved(data_root, tmp_path):
         next(run.ema.module.parameters())[0] = float("nan")
     with pytest.raises(UserError, match="non-finite.*epoch_001.pth"):
         run.save("interrupted.pth")
-    assert latest_checkpoint(tmp_path).name == "epoch_001.pth" and not (tmp_path / "interrupted.pth").exists()
+    assert resolve_checkpoint(None, tmp_path).name == "epoch_001.pth" and not (tmp_path / "interrupted.pth").exists()
 
 
 def test_grad_clip_zero_means_no_clipping(data_root, tmp_path):
@@ -243,7 +242,7 @@ def test_min_snr_gamma_weighs_the_training_loss(data_root, tmp_path):
 def test_keep_last_prunes_old_epoch_checkpoints(data_root, tmp_path):
     train(tiny_cfg(data_root, tmp_path, "--epochs", "4", "--keep-last", "2"))
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["epoch_003.pth", "epoch_004.pth"]
-    assert latest_checkpoint(tmp_path).name == "epoch_004.pth"
+    assert resolve_checkpoint(None, tmp_path).name == "epoch_004.pth"
 
 
 class StepClock:
@@ -267,7 +266,7 @@ def test_minutes_budget_ends_training_with_the_learning_rate_at_zero(data_root, 
     # the last step ran at 2.5 s of the 3 s budget: a cosine in training time, zero once it is spent
     assert run.lr_scheduler.get_last_lr()[0] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 2.5 / 3)))
     assert run.lr_scheduler.lr_lambdas[0](run.step) == pytest.approx(0.0, abs=1e-12)
-    assert latest_checkpoint(tmp_path).name == "final.pth" and (tmp_path / "epoch_001.pth").exists()
+    assert resolve_checkpoint(None, tmp_path).name == "final.pth" and (tmp_path / "epoch_001.pth").exists()
     state = load_checkpoint(tmp_path / "final.pth")
     assert state["step"] == 6 and state["batch_in_epoch"] == 2 and state["trained_seconds"] == pytest.approx(3.0)
 

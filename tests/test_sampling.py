@@ -1,26 +1,32 @@
-"""Which labels `python -m diffusion.sampling` guides with."""
+"""The sampling recipe (diffusion/recipe.py), the labels, and generate applying a recipe exactly."""
 import math
 
 import pytest
 import torch
 
-from diffusion.config import Config
+from diffusion.checkpoint import epoch_name
+from diffusion.config import ModelConfig, SampleConfig
 from diffusion.errors import UserError
-from diffusion.generation import sample_labels
+from diffusion.generation import generate, sample_labels
+from diffusion.recipe import choose_recipe
+from diffusion.runtime import Precision, Runtime
+
+CPU = Runtime(torch.device("cpu"), Precision(False, False))
+LABELLED, NO_UNCOND = ModelConfig(), ModelConfig(learned_unconditional=False)
 
 
 def test_default_labels_cover_every_class_equally_in_random_order():
-    labels = sample_labels(Config(), 20, seed=1)
+    labels = sample_labels(LABELLED, 20, seed=1)
     assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 2))
     assert not torch.equal(labels, torch.arange(20) % 10)
-    assert torch.equal(labels, sample_labels(Config(), 20, seed=1))
+    assert torch.equal(labels, sample_labels(LABELLED, 20, seed=1))
 
 
 def test_digit_rows_and_unconditional():
-    assert torch.equal(sample_labels(Config(), 5, digit=7), torch.full((5,), 7))
-    assert torch.equal(sample_labels(Config(), 2, all_digits=True), torch.arange(10).repeat_interleave(2))
-    assert sample_labels(Config(), 16, unconditional=True) is None
-    assert sample_labels(Config(num_classes=0), 16) is None
+    assert torch.equal(sample_labels(LABELLED, 5, digit=7), torch.full((5,), 7))
+    assert torch.equal(sample_labels(LABELLED, 2, all_digits=True), torch.arange(10).repeat_interleave(2))
+    assert sample_labels(LABELLED, 16, unconditional=True) is None
+    assert sample_labels(ModelConfig(num_classes=0), 16) is None
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -29,114 +35,128 @@ def test_digit_rows_and_unconditional():
 ])
 def test_label_errors(kwargs, needle):
     with pytest.raises(UserError, match=needle):
-        sample_labels(Config(), 4, **kwargs)
+        sample_labels(LABELLED, 4, **kwargs)
 
 
 def test_digit_needs_a_conditional_model():
     with pytest.raises(UserError, match="trained without labels"):
-        sample_labels(Config(num_classes=0), 4, digit=3)
+        sample_labels(ModelConfig(num_classes=0), 4, digit=3)
 
 
-@pytest.mark.parametrize("steps, labelled, passes", [(0, True, 10), (0, False, 20), (7, False, 7), (7, True, 7)])
-def test_auto_steps_give_the_unconditional_model_twice_the_steps(steps, labelled, passes):
-    """--steps 0 (auto, the default): 10 solver steps with labels, 20 without; an explicit --steps always wins."""
-    from diffusion.config import Config
-    from diffusion.generation import generate
-    calls = []
-
-    class Spy(torch.nn.Module):  # counts network passes; predicts no noise
-        def forward(self, x, t, y):
-            calls.append(len(x))
-            return torch.zeros_like(x)
-
-    # w = 1: one pass per step, labelled or not; fixed precision, so no timing of the spy reaches the cache
-    cfg = Config(sample_steps=steps, guidance=1.0, amp="none", memory_format="contiguous")
-    generate(Spy(), cfg, 4, torch.arange(4) if labelled else None, torch.device("cpu"), progress=False)
-    assert len(calls) == passes
+@pytest.fixture
+def run_folder(tmp_path):
+    """epoch_001..003 on disk beside each other, as a 3-epoch run leaves them (the recipe only looks for files)."""
+    for epoch in (1, 2, 3, 6):
+        (tmp_path / epoch_name(epoch)).write_bytes(b"")
+    return tmp_path
 
 
-def test_sampling_precision_is_timed_at_the_plain_batch(monkeypatch):
-    """Guidance doubles the batch only inside its noise interval (2 of the default 10 steps), so the precision is
-    timed at the batch most steps run: a choice made for the doubled batch ran 23% slower at 64 on one Xeon."""
-    import diffusion.generation as generation
-    from diffusion.autotune import Precision
-    from diffusion.config import Config
-    timed = []
-    monkeypatch.setattr(generation, "choose_precision",
-                        lambda cfg, device, net, purpose, batch, verbose: timed.append(batch) or Precision(False, False))
+INF = math.inf
+# task, labelled, guide setting, epoch, model, typed flags -> sampler, steps, eta, w, interval, guide file, words
+TABLE = [
+    ("sample", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 3.0, 2.5, (0.15, 2.0), "epoch_001.pth", "autoguidance")),
+    ("sample", True, "auto", 6, LABELLED, {}, ("dpmpp", 10, 3.0, 2.5, (0.15, 2.0), "epoch_003.pth", "autoguidance")),
+    ("sample", True, "auto", 1, LABELLED, {}, ("dpmpp", 10, 1.0, 2.0, (0.15, 2.0), None, "no earlier epoch")),
+    ("sample", True, "none", 2, LABELLED, {}, ("dpmpp", 10, 1.0, 2.0, (0.15, 2.0), None, "classifier-free")),
+    ("sample", False, "auto", 2, LABELLED, {}, ("dpmpp", 20, 1.0, 2.0, (0.0, INF), "epoch_001.pth", "no labels")),
+    ("sample", False, "none", 2, LABELLED, {}, ("dpmpp", 20, 1.0, 1.0, (0.0, INF), None, "no guidance")),
+    ("sample", True, "auto", 2, LABELLED, {"guidance": 3.0, "eta": 0.5, "sample_steps": 7},
+     ("dpmpp", 7, 0.5, 3.0, (0.15, 2.0), "epoch_001.pth", "w 3")),
+    ("sample", True, "auto", 2, LABELLED, {"guidance": 1.0}, ("dpmpp", 10, 3.0, 1.0, (0.15, 2.0), None, "conditional model")),
+    ("sample", True, "auto", 2, LABELLED, {"sampler": "ddim"}, ("ddim", 10, 1.0, 2.5, (0.15, 2.0), "epoch_001.pth", "ddim-10:1")),
+    ("sample", True, "none", 2, LABELLED, {"sampler": "ddpm"}, ("ddpm", 1000, 1.0, 2.0, (0.15, 2.0), None, "ddpm-1000,")),
+    ("sample", True, "auto", 2, LABELLED, {"guidance_interval": (0.0, INF)},
+     ("dpmpp", 10, 3.0, 2.5, (0.0, INF), "epoch_001.pth", "autoguidance")),
+    ("inpaint", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 1.0, 2.5, (0.15, 2.0), "epoch_001.pth", "RePaint")),
+    ("inpaint", False, "auto", 2, LABELLED, {"resample": 2}, ("dpmpp", 20, 1.0, 2.0, (0.0, INF), "epoch_001.pth", "resample 2")),
+    ("interpolate", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 0.0, 2.5, (0.15, 2.0), "epoch_001.pth", ":0,")),
+    ("interpolate", False, "none", 2, LABELLED, {}, ("dpmpp", 20, 0.0, 1.0, (0.0, INF), None, "no labels")),
+    ("preview", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 1.0, 2.0, (0.15, 2.0), None, "preview has no earlier")),
+    ("preview", True, "auto", 2, LABELLED, {"guidance": 3.0}, ("dpmpp", 10, 1.0, 3.0, (0.15, 2.0), None, "w 3")),
+    ("preview", True, "auto", 2, NO_UNCOND, {}, ("dpmpp", 10, 1.0, 1.0, (0.0, INF), None, "--p-uncond 0")),
+    ("sample", True, "none", 2, NO_UNCOND, {}, ("dpmpp", 10, 1.0, 1.0, (0.0, INF), None, "conditional model")),
+    ("sample", True, "auto", 2, NO_UNCOND, {}, ("dpmpp", 10, 3.0, 2.5, (0.15, 2.0), "epoch_001.pth", "autoguidance")),
+    ("sample", True, "auto", 2, ModelConfig(timesteps=8, schedule="cosine"), {}, ("dpmpp", 8, 3.0, 2.5, (0.15, 2.0), "epoch_001.pth", "-8:3")),
+]
 
-    class Zero(torch.nn.Module):
-        def forward(self, x, t, y):
-            return torch.zeros_like(x)
 
-    generation.generate(Zero(), Config(), 16, torch.arange(16) % 10, torch.device("cpu"), progress=False)
-    assert timed == [16]
+@pytest.mark.parametrize("task,labelled,guide,epoch,model,typed,want", TABLE)
+def test_one_function_decides_every_setting(run_folder, task, labelled, guide, epoch, model, typed, want):
+    asked = SampleConfig(guide_checkpoint=guide, **typed)
+    r = choose_recipe(model, asked, task=task, labelled=labelled, checkpoint=run_folder / epoch_name(epoch), epoch=epoch)
+    sampler, steps, eta, w, interval, guide_file, words = want
+    assert (r.sampler, r.steps, r.eta, r.guidance, r.interval) == (sampler, steps, eta, w, interval)
+    assert (r.guide.name if r.guide else None) == guide_file
+    assert words in str(r), str(r)
+
+
+@pytest.mark.parametrize("task,labelled,model,typed,needle", [
+    ("interpolate", True, LABELLED, {"eta": 1.0}, "deterministic sampler"),
+    ("sample", True, LABELLED, {"sampler": "ddim", "eta": 3.0}, "at most 1"),
+    ("inpaint", True, LABELLED, {"eta": 2.0}, "inpainting takes eta"),
+    ("sample", True, LABELLED, {"resample": 2}, "--resample is for inpainting"),
+    ("sample", True, LABELLED, {"sample_steps": 2000}, "exceeds the 1000 timesteps"),
+    ("sample", True, LABELLED, {"sampler": "ddpm", "sample_steps": 10}, "ddpm runs all"),
+    ("sample", False, NO_UNCOND, {}, "no unconditional mode"),
+    ("sample", True, NO_UNCOND, {"guidance": 2.0, "guide_checkpoint": "none"}, "pass --guidance 1"),
+    ("preview", True, NO_UNCOND, {"guidance": 2.0}, "pass --guidance 1"),
+    ("sample", True, LABELLED, {"guide_checkpoint": "/no/such.pth"}, "does not exist"),
+])
+def test_the_recipe_refuses_what_would_run_but_do_the_wrong_thing(run_folder, task, labelled, model, typed, needle):
+    with pytest.raises(UserError, match=needle):
+        choose_recipe(model, SampleConfig(**typed), task=task, labelled=labelled,
+                      checkpoint=run_folder / epoch_name(2), epoch=2)
+
+
+def test_an_exported_folder_has_no_earlier_epoch_to_autoguide_with(tmp_path):
+    r = choose_recipe(LABELLED, SampleConfig(), task="sample", labelled=True, checkpoint=tmp_path, epoch=None)
+    assert r.guide is None and (r.eta, r.guidance) == (1.0, 2.0) and "classifier-free" in str(r)
+
+
+class Spy(torch.nn.Module):
+    """Predicts no noise and records the labels of every pass."""
+
+    def __init__(self, calls=None):
+        super().__init__()
+        self.calls = [] if calls is None else calls
+
+    def forward(self, x, t, y):
+        self.calls.append(y.tolist())
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("typed,labelled,passes", [({}, True, 10), ({}, False, 20), ({"sample_steps": 7}, False, 7)])
+def test_generate_runs_the_recipes_steps(typed, labelled, passes):
+    """Auto steps: 10 with labels, 20 without; a typed --steps wins. w = 1: one pass per step."""
+    recipe = choose_recipe(LABELLED, SampleConfig(guidance=1.0, **typed), task="sample", labelled=labelled)
+    spy = Spy()
+    generate(spy, LABELLED, recipe, 4, torch.arange(4) if labelled else None, CPU, progress=False)
+    assert len(spy.calls) == passes
 
 
 @pytest.mark.parametrize("labelled", [True, False])
-def test_generate_asks_the_weak_network_at_the_guided_steps_only(labelled):
-    """With a weak network (autoguidance) the default sampler asks it at the 2 guided steps of 10, with the labels;
-    without labels (settings_for_guide: every noise level, 20 steps) at all 20, with the null label."""
-    from diffusion.generation import generate
-    calls = {"net": [], "weak": []}
-
-    class Spy(torch.nn.Module):
-        def __init__(self, name):
-            super().__init__()
-            self.name = name
-
-        def forward(self, x, t, y):
-            calls[self.name].append(y.tolist())
-            return torch.zeros_like(x)
-
-    from diffusion.generation import settings_for_guide
-    labels = torch.arange(4) if labelled else None
-    cfg = settings_for_guide(Config(amp="none", memory_format="contiguous"), {}, autoguided=True, labelled=labelled)
-    generate(Spy("net"), cfg, 4, labels, torch.device("cpu"), progress=False, weak=Spy("weak"))
-    assert calls["weak"] == ([[0, 1, 2, 3]] * 2 if labelled else [[10] * 4] * 20)
-    assert len(calls["net"]) == (10 if labelled else 20)
+def test_generate_asks_the_weak_network_at_the_guided_steps_only(run_folder, labelled):
+    """Autoguided with labels: the weak network at the 2 guided steps of 10, with the labels; without labels
+    (every noise level, 20 steps) at all 20, with the null label."""
+    recipe = choose_recipe(LABELLED, SampleConfig(), task="sample", labelled=labelled,
+                           checkpoint=run_folder / epoch_name(2), epoch=2)
+    net, weak = Spy(), Spy()
+    generate(net, LABELLED, recipe, 4, torch.arange(4) if labelled else None, CPU, progress=False, weak=weak)
+    assert weak.calls == ([[0, 1, 2, 3]] * 2 if labelled else [[10] * 4] * 20)
+    assert len(net.calls) == (10 if labelled else 20)
 
 
-def fake_checkpoint(path, epoch: int) -> None:
-    torch.save({"model": {}, "ema": {}, "config": Config().to_dict(), "epoch": epoch, "step": 100 * epoch,
-                "format": 2}, path)
-
-
-def test_auto_guide_is_the_epoch_at_half_the_training(tmp_path):
-    from diffusion.generation import guide_path
-    for epoch in (1, 2, 3, 6):
-        fake_checkpoint(tmp_path / f"epoch_{epoch:03d}.pth", epoch)
-    fake_checkpoint(tmp_path / "final.pth", 6)  # a --minutes run stopped in epoch 7
-    assert guide_path(tmp_path / "epoch_002.pth", "auto") == tmp_path / "epoch_001.pth"
-    assert guide_path(tmp_path / "epoch_003.pth", "auto") == tmp_path / "epoch_001.pth"
-    assert guide_path(tmp_path / "final.pth", "auto") == tmp_path / "epoch_003.pth"
-    assert guide_path(tmp_path / "epoch_001.pth", "auto") is None  # nothing earlier
-    (tmp_path / "epoch_003.pth").unlink()  # --keep-last removed it: classifier-free guidance
-    assert guide_path(tmp_path / "epoch_006.pth", "auto") is None
-    assert guide_path(tmp_path / "epoch_006.pth", "none") is None
-    assert guide_path(tmp_path / "epoch_006.pth", str(tmp_path / "epoch_002.pth")) == tmp_path / "epoch_002.pth"
-
-
-def test_settings_suit_the_guide_unless_the_command_line_set_them():
-    """eta 3 and w 2.5 are for autoguidance; classifier-free guidance and unguided sampling get eta 1 and w 2, which
-    scored better with them; flags given on the command line always win."""
-    from diffusion.generation import settings_for_guide
-    cfg = Config()
-    assert (cfg.eta, cfg.guidance) == (3.0, 2.5)
-    assert settings_for_guide(cfg, {}, autoguided=True) == cfg
-    cfg_only = settings_for_guide(cfg, {}, autoguided=False)
-    assert (cfg_only.eta, cfg_only.guidance) == (1.0, 2.0)
-    mine = settings_for_guide(Config(eta=2.0), {"eta": 2.0}, autoguided=False)
-    assert (mine.eta, mine.guidance) == (2.0, 2.0)
-    unlabelled = settings_for_guide(cfg, {}, autoguided=True, labelled=False)  # autoguided at every noise level
-    assert (unlabelled.eta, unlabelled.guidance, unlabelled.guidance_interval) == (1.0, 2.0, (0.0, math.inf))
-
-
-@pytest.mark.parametrize("kwargs, want", [({}, (1.0, 2.0)), ({"eta": 0.5}, (0.5, 2.0)), ({"guidance": 3.0}, (1.0, 3.0))])
-def test_training_preview_uses_classifier_free_settings_unless_the_run_set_them(monkeypatch, kwargs, want):
-    """The per-epoch preview has no earlier network to autoguide with: eta 1 and w 2 unless the run chose others."""
-    import diffusion.train as train
-    seen = []
-    monkeypatch.setattr(train, "generate", lambda net, cfg, *a, **k: seen.append((cfg.eta, cfg.guidance)))
-    train.preview_samples(None, Config(**kwargs), torch.device("cpu"))
-    assert seen == [want]
+def test_sampling_precision_is_timed_at_the_plain_batch(monkeypatch, tmp_path):
+    """Guidance doubles the batch only inside its noise interval (2 of the default 10 steps), so the precision is
+    timed at the batch most steps run, and at most the recipe's batch."""
+    import diffusion.autotune as autotune
+    from diffusion.checkpoint import Loaded
+    from diffusion.config import RuntimeConfig
+    from diffusion.generation import prepare
+    timed = []
+    monkeypatch.setattr(autotune, "choose_precision", lambda cfg, model_cfg, device, net, purpose, batch, verbose:
+                        timed.append(batch) or Precision(False, False))
+    loaded = Loaded(Spy(), LABELLED, tmp_path / "epoch_002.pth", 2)
+    prepare(loaded, SampleConfig(), RuntimeConfig(), task="sample", labelled=True, n=16)
+    prepare(loaded, SampleConfig(sample_batch=8), RuntimeConfig(), task="sample", labelled=True, n=16)
+    assert timed == [16, 8]
