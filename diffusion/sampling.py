@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     asked, runtime_cfg = configs[SampleConfig], configs[RuntimeConfig]
     task = check_task(args)
     if args.paper:
+        clash = [name for name in ("sampler", "sample_steps", "eta", "guidance", "guide_checkpoint",
+                                   "guidance_interval") if name in vars(args)]
+        if clash:
+            raise UserError(f"--paper fixes the sampler and the guidance; drop --{clash[0].replace('_', '-')}")
         asked = asked.replace(**PAPER)
         args.unconditional = True
     output = Path(args.output or Path(runtime_cfg.out_dir) / "generated_images.png")

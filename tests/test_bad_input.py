@@ -46,7 +46,7 @@ def test_unreadable_data(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--epochs", "0"], "--epochs must be positive"), (["--batch-size", "-4"], "--batch-size"),
+    (["--epochs", "0"], "--epochs must be >= 1"), (["--batch-size", "-4"], "--batch-size"),
     (["--timesteps", "0"], "--timesteps"), (["--lr", "-1"], "--lr"), (["--base-channels", "12"], "multiple of 8"),
     (["--image-size", "30"], "must divide by 4"), (["--schedule", "sigmoid"], "--schedule"),
     (["--sampler", "heun"], "--sampler"), (["--device", "quantum"], "--device"),
@@ -56,7 +56,7 @@ def test_nonsense_config_on_command_line(flags, needle, capsys):
 
 
 def test_nonsense_config_in_a_real_process():
-    assert_clean_error(run_cli("diffusion.main", "--epochs", "-1"), "--epochs must be positive")
+    assert_clean_error(run_cli("diffusion.main", "--epochs", "-1"), "--epochs must be >= 1")
 
 
 def test_unknown_flag_is_usage_error():
@@ -66,16 +66,16 @@ def test_unknown_flag_is_usage_error():
 
 @pytest.mark.parametrize("flags,needle", [
     (["--digit", "10"], "--digit must be in 0..9"), (["--digit", "-1"], "--digit must be in 0..9"),
-    (["--guidance", "-2"], "--guidance must not be negative"), (["--steps", "-1"], "--sample-steps must not be negative"),
-    (["--num-images", "0"], "--num-images must be positive"),
+    (["--guidance", "-2"], "--guidance must be >= 0"), (["--steps", "-1"], "--sample-steps must be >= 1"),
+    (["--num-images", "0"], "--num-images must be in 1.."),
     # what the network was trained for comes from the checkpoint, noise schedule included
     (["--base-channels", "16"], "--base-channels is fixed by training"), (["--image-size", "32"], "fixed by training"),
     (["--channel-mults", "1", "2", "2"], "fixed by training"), (["--timesteps", "1000"], "--timesteps is fixed by training"),
     (["--schedule", "cosine"], "--schedule is fixed by training"), (["--beta-end=0.03"], "--beta-end is fixed"),
     (["--lr", "1e-3"], "--lr is a training setting"), (["--no-compile"], "--no-compile is a training setting"),
-    (["--steps", "51"], "exceeds the 50 timesteps"), (["--sample-batch", "0"], "--sample-batch must be positive"),
+    (["--steps", "51"], "exceeds the 50 timesteps"), (["--sample-batch", "0"], "--sample-batch must be >= 1"),
     (["--guidance-interval", "5", "1"], "0 <= LO < HI"), (["--guidance-interval", "1"], "two noise levels"),
-    (["--guidance-interval", "1", "x"], "invalid float value"), (["--resample", "0"], "--resample must be positive"),
+    (["--guidance-interval", "1", "x"], "'x' is not a number"), (["--resample", "0"], "--resample must be >= 1"),
     (["--min-snr-gamma", "5"], "--min-snr-gamma is a training setting"),
     (["--guide-checkpoint", "no/such.pth"], "no/such.pth does not exist"),
 ])
@@ -146,12 +146,15 @@ def ckpt_without_null_label(tmp_path_factory, data_root):
     return work / "epoch_001.pth"
 
 
-@pytest.mark.parametrize("flags,needle", [([], "pass --guidance 1"), (["--guidance", "3"], "pass --guidance 1"),
+@pytest.mark.parametrize("flags,needle", [(["--guidance", "3"], "pass --guidance 1"),
+                                          (["--guide-checkpoint", "none", "--guidance", "2"], "pass --guidance 1"),
                                           (["--unconditional"], "drop --unconditional")])
 def test_guidance_needs_a_trained_unconditional_model(ckpt_without_null_label, tmp_path, flags, needle, capsys):
     args = ("--checkpoint", str(ckpt_without_null_label), "--output", str(tmp_path / "g.png"))
     assert_clean_error(run_inprocess(capsys, "diffusion.sampling", *args, *flags), needle)
     assert run_inprocess(capsys, "diffusion.sampling", *args, "--guidance", "1", "--num-images", "2").returncode == 0
+    plain = run_inprocess(capsys, "diffusion.sampling", *args, "--num-images", "2")  # the same answer as the preview
+    assert plain.returncode == 0 and "the conditional model, no guidance (trained with --p-uncond 0)" in plain.stdout
 
 
 def test_scoring_too_few_images_is_one_line(tmp_path, capsys):

@@ -109,7 +109,7 @@ def test_help_gives_every_flag_a_sentence_and_the_real_default():
     ("diffusion.evaluate", {"SampleConfig", "RuntimeConfig", "data_root", "download"}),
     ("diffusion.demo", {"SampleConfig", "device", "threads", "amp", "memory_format", "seed", "ckpt_dir"}),
     ("diffusion.export", {"ckpt_dir"}),
-    ("diffusion.classifier", {"data_root", "download", "limit_train"}),
+    ("diffusion.classifier", {"data_root", "download", "limit_train", "epochs"}),  # its own --epochs
 ])
 def test_each_command_shows_the_flags_of_the_parts_it_takes_and_one_debug(module, takes):
     from diffusion.config import PARTS, fields_of, flag_name
