@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint file or exported folder (default: the latest in --ckpt-dir)")
     parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: %(default)s; 0 = any free)")
-    parser.add_argument("--open", action="store_true", help="open the page in the default browser")
+    parser.add_argument("--open", action="store_true", default=False, help="open the page in the default browser")
     args, configs = parse(parser, argv)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")

@@ -38,7 +38,8 @@ def server(tiny_checkpoint):
 def post(url: str, body, raw: bool = False) -> tuple[int, list[dict]]:
     data = body if raw else json.dumps(body).encode()
     try:
-        with NO_PROXY.open(urllib.request.Request(url, data=data, method="POST"), timeout=120) as reply:
+        request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+        with NO_PROXY.open(request, timeout=120) as reply:
             return reply.status, [json.loads(line) for line in reply.read().splitlines() if line.strip()]
     except urllib.error.HTTPError as err:
         return err.code, [json.loads(err.read())]
@@ -116,7 +117,7 @@ def open_page(browser, server):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(server + "/")
-    WebDriverWait(browser, 30).until(lambda b: b.find_element("id", "steps").get_attribute("value"))
+    WebDriverWait(browser, 30).until(lambda b: b.find_element("id", "recipe").text)
     return WebDriverWait(browser, 120)
 
 
@@ -203,3 +204,52 @@ def test_a_drawn_digit_with_marked_pixels_comes_back_with_the_rest_unchanged(bro
     cells = grid_cells(png_pixels(run_and_wait(browser, wait)), 16, 4)
     assert all(torch.equal(cell[keep], image[keep]) for cell in cells)
     assert any(not torch.equal(cell[~keep], image[~keep]) for cell in cells), "the marked band is generated"
+
+
+def raw_request(server: str, method: str, path: str, headers: dict, body: bytes = b"") -> tuple[int, bytes]:
+    """A request with exactly these headers (urllib would add its own Host)."""
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    conn.endheaders(body or None)
+    reply = conn.getresponse()
+    return reply.status, reply.read()
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({"Host": "evil.example:80"}, 403),  # DNS rebinding: a foreign page reaching 127.0.0.1 under its own name
+    ({"Origin": "http://evil.example"}, 403),  # another site's fetch or form
+    ({"Origin": "null"}, 403),  # a sandboxed frame or a file
+    ({"Content-Type": "text/plain"}, 415),  # a cross-site form post needs no preflight: refuse its content type
+    ({"Content-Length": "abc"}, 411), ({"Content-Length": "-1"}, 411),
+])
+def test_the_server_answers_only_its_own_page(server, headers, status):
+    own = {"Host": server.removeprefix("http://"), "Content-Type": "application/json"}
+    body = json.dumps({"task": "sample", "steps": "2"}).encode()
+    merged = {**own, **headers}
+    merged.setdefault("Content-Length", str(len(body)))
+    got, reply = raw_request(server, "POST", "/api/run", merged, body)
+    assert got == status and b"error" in reply
+    assert raw_request(server, "GET", "/api/info", {"Host": "evil.example"})[0] == 403
+
+
+@pytest.mark.parametrize("request_body,needle", [
+    ({"task": "sample", "resample": "1000000000"}, "--resample must be"),
+    ({"task": "sample", "seed": 2**64}, "seed must be in"), ({"task": "sample", "guidance": "nan"}, "finite"),
+    ({"task": "sample", "digit": "abc"}, "digit must be a number"), ({"task": "sample", "digit": [1]}, "digit must be"),
+    ({"task": "sample", "steps": "1e999"}, "--sample-steps"), ({"task": "interpolate", "eta": "1"}, "deterministic"),
+])
+def test_bad_or_unbounded_requests_get_a_400_with_one_line(server, request_body, needle):
+    status, reply = post(server + "/api/run", request_body)
+    assert status == 400 and needle in reply[0]["error"], reply
+    status, reply = post(server + "/api/run", {"task": "sample", "steps": "2"})
+    assert status == 200 and reply[-1]["done"] and "dpmpp-2" in reply[-1]["recipe"]
+
+
+def test_pages_cannot_be_framed(server):
+    with NO_PROXY.open(server + "/", timeout=30) as reply:
+        assert reply.headers["X-Frame-Options"] == "DENY" and "frame-ancestors 'none'" in reply.headers["Content-Security-Policy"]

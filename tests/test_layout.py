@@ -77,4 +77,4 @@ def test_the_command_check_finds_a_planted_import():
 def test_the_debug_flag_and_the_parser_style_live_in_one_place():
     sources = {path.stem: path.read_text() for path in PACKAGE.glob("*.py")}
     assert [name for name, text in sources.items() if '"--debug"' in text] == ["cli"]
-    assert [name for name, text in sources.items() if "argparse.ArgumentParser(" in text] == ["cli"]
+    assert [name for name, text in sources.items() if "import argparse" in text] == ["cli"]

@@ -17,7 +17,7 @@ SAME = ["--amp", "none", "--memory-format", "contiguous", "--num-images", "4"]
 def test_the_fixture_is_a_format_2_checkpoint():
     state = load_checkpoint(OLD)
     assert state["format"] == 2 and "config" in state and "model_config" not in state
-    assert state["config"]["sample_steps"] == 4, "format 2 stored the run's sampling settings too"
+    assert "sample_steps" in state["config"], "format 2 stored the run's sampling settings too"
 
 
 def test_a_format_2_checkpoint_loads_with_what_training_fixed():
