@@ -238,7 +238,7 @@ def test_the_server_answers_only_its_own_page(server, headers, status):
 
 
 @pytest.mark.parametrize("request_body,needle", [
-    ({"task": "sample", "resample": "1000000000"}, "--resample must be"),
+    ({"task": "sample", "resample": "1000000000"}, "--resample in the request must be"),
     ({"task": "sample", "seed": 2**64}, "seed must be in"), ({"task": "sample", "guidance": "nan"}, "finite"),
     ({"task": "sample", "digit": "abc"}, "digit must be a number"), ({"task": "sample", "digit": [1]}, "digit must be"),
     ({"task": "sample", "steps": "1e999"}, "--sample-steps"), ({"task": "interpolate", "eta": "1"}, "deterministic"),
