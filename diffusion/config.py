@@ -191,7 +191,7 @@ class TrainConfig(Checked):
                                 low=0, high=10**9)
     min_snr_gamma: float = setting(0.0, "weigh each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
                                    "2023); 0 = the paper's unweighted L_simple", low=0, high=1e6)
-    grad_clip: float = setting(1.0, "maximum gradient norm (0 = no clipping)", low=0, high=1e6)
+    grad_clip: float = setting(1.0, "maximum gradient norm (0 = no clipping)", low=0, high=1e12)
     ema_decay: float = setting(0.999, "decay of the weights' moving average that sampling uses, warmed up as "
                                "min(decay, (1 + n) / (10 + n))", low=0, high=0.999999)
     p_uncond: float = setting(0.1, "chance of replacing a label by 'no label', so one network also learns the "
