@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusion.config import DataConfig
+
 OURS = {  # name: Config overrides
     "ours: default (32/64/64, 1 block; --amp/--memory-format auto)": {},
     "ours: default, fp32, channels_last": {"amp": "none", "memory_format": "channels_last"},
@@ -194,7 +196,7 @@ def measure_one(name: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=None, help="MNIST root (default: $DIFFUSION_DATA_ROOT or ./data)")
+    parser.add_argument("--data-root", default=DataConfig().data_root, help="MNIST root (default: $DIFFUSION_DATA_ROOT or ./data)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=15, help="timed training steps per configuration")
     parser.add_argument("--anchors", action="store_true", help="also measure diffusers and lucidrains")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.config import ModelConfig, build
+from diffusion.config import ModelConfig, build, learns_unconditional
 from diffusion.errors import UserError
 from diffusion.model import UNet, build_model
 
@@ -170,7 +170,7 @@ def model_config(state: dict, where: Path | str) -> ModelConfig:
         raise UserError(f"{where} has no model_config")
     names = {f.name for f in fields(ModelConfig)} - {"learned_unconditional"}
     values = {k: v for k, v in flat.items() if k in names}
-    values["learned_unconditional"] = values.get("num_classes", 10) == 0 or flat.get("p_uncond", 0.1) > 0
+    values["learned_unconditional"] = learns_unconditional(values.get("num_classes", 10), flat.get("p_uncond", 0.1))
     return build(ModelConfig, values, str(where))
 
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Callable
 
-from diffusion.config import PARTS, ModelConfig, check_value, fields_of, flag_name, show
+from diffusion.config import PARTS, ModelConfig, check_value, fields_of, flag_name, shown_default
 from diffusion.errors import UserError
 
 
@@ -40,9 +40,7 @@ def flag_names(f) -> list[str]:
 
 def argument_options(f) -> dict:
     meta = f.metadata
-    default = f.default_factory() if callable(f.default_factory) else f.default
-    shown = "$DIFFUSION_DATA_ROOT or data" if f.name == "data_root" else show(default)
-    options = {"help": f"{meta['help']} (default: {shown})".replace("%", "%%")}  # argparse formats help with %
+    options = {"help": f"{meta['help']} (default: {shown_default(f)})".replace("%", "%%")}  # argparse formats help with %
     if meta["kind"] is bool:
         options["action"] = argparse.BooleanOptionalAction
     elif meta["kind"] is tuple:

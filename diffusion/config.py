@@ -263,8 +263,18 @@ PARTS = {ModelConfig: "model: the U-Net and its noise schedule (fixed by trainin
          RuntimeConfig: "where and how it runs"}
 
 
-def _default(f: dataclasses.Field):
+def learns_unconditional(num_classes: int, p_uncond: float) -> bool:
+    """Whether training teaches the network eps without a label: always without labels, else when labels are dropped."""
+    return num_classes == 0 or p_uncond > 0
+
+
+def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """A field's default as --help and docs/configuration.md show it."""
+    return "$DIFFUSION_DATA_ROOT or data" if f.name == "data_root" else show(default_of(f))
 
 
 def fields_of(*parts) -> list[tuple[type, dataclasses.Field]]:
@@ -294,10 +304,9 @@ def markdown_table() -> str:
     for part, title in PARTS.items():
         rows.append(f"| **{title}** | | |")
         for _, f in fields_of(part):
-            shown = "$DIFFUSION_DATA_ROOT or data" if f.name == "data_root" else show(_default(f))
             meaning = f.metadata["help"] + (f" ({', '.join(f.metadata['choices'])})" if f.metadata["choices"] else "")
             alias = f" (`{f.metadata['alias']}`)" if f.metadata["alias"] else ""
-            rows.append(f"| `{flag_name(f.name)}`{alias} | `{shown}` | {meaning} |")
+            rows.append(f"| `{flag_name(f.name)}`{alias} | `{shown_default(f)}` | {meaning} |")
     return "\n".join(rows)
 
 

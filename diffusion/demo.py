@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from diffusion.autotune import setup_runtime
-from diffusion.checkpoint import check_same_model, load_network, resolve_checkpoint
+from diffusion.checkpoint import load_network, resolve_checkpoint
 from diffusion.cli import build_parser, parse, run_cli
 from diffusion.config import MAX_SEED, SAMPLERS, RuntimeConfig, SampleConfig, build
 from diffusion.errors import UserError
-from diffusion.generation import generate, interpolation_noise, sample_labels
+from diffusion.generation import generate, interpolation_noise, load_guide, sample_labels
 from diffusion.recipe import choose_recipe
 from diffusion.uploads import REGIONS, decode_square_png, digit_to_model_range, mask_keep, region_keep
 from diffusion.visuals import grid_png
@@ -83,10 +83,8 @@ class Demo:
     def guide(self, recipe):
         if recipe.guide is None:
             return None
-        if recipe.guide not in self.guides:
-            weak = load_network(recipe.guide)
-            check_same_model(weak.config, self.model, recipe.guide)
-            self.guides[recipe.guide] = weak.net
+        if recipe.guide not in self.guides:  # loaded once per guide, then kept for the next requests
+            self.guides[recipe.guide] = load_guide(recipe, self.loaded)
         return self.guides[recipe.guide]
 
     def inputs(self, request: dict, seed: int) -> tuple[str, torch.Tensor | None, dict, int]:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusion.checkpoint import epoch_name, is_exported
+from diffusion.checkpoint import epoch_name
 from diffusion.config import ModelConfig, SampleConfig
 from diffusion.errors import UserError
 
@@ -120,7 +120,7 @@ def find_guide(asked: SampleConfig, task: str, checkpoint: Path | None, epoch: i
         return path, ""
     if task == "preview":
         return None, " (the preview has no earlier network)"
-    if checkpoint is None or epoch is None or is_exported(checkpoint):
+    if checkpoint is None or epoch is None:  # an exported folder holds one network and no epoch
         return None, ""
     half = epoch // 2
     candidate = Path(checkpoint).parent / epoch_name(half)

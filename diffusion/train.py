@@ -17,7 +17,7 @@ from tqdm import tqdm
 from diffusion.autotune import setup_runtime
 from diffusion.checkpoint import (FORMAT, check_same_model, check_writable_folder, epoch_name, find_latest,
                                   load_checkpoint, load_weights, model_config, save_checkpoint)
-from diffusion.config import RunConfig, parse_interval
+from diffusion.config import RunConfig, learns_unconditional, parse_interval
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
 from diffusion.diffusion_utils import diffusion_loss, min_snr_weights, schedule_from_config
 from diffusion.errors import UserError
@@ -112,7 +112,7 @@ class TrainingRun:
         shape = dataset_shape(self.images, self.labels)
         if cfg.model.num_classes == 0:  # unconditional training stays available
             shape["num_classes"] = 0
-        shape["learned_unconditional"] = shape["num_classes"] == 0 or cfg.train.p_uncond > 0
+        shape["learned_unconditional"] = learns_unconditional(shape["num_classes"], cfg.train.p_uncond)
         self.cfg = cfg = cfg.replace(model=cfg.model.replace(**shape))
         # the preview's recipe, chosen now: a setting it refuses stops the run before any training
         self.preview_recipe = choose_recipe(cfg.model, cfg.sample, task="preview", labelled=cfg.model.num_classes > 0)

@@ -1,4 +1,4 @@
-"""Shared fixtures: real MNIST from ../shared/data when present, else a small generated stand-in."""
+"""Shared fixtures: real MNIST from $DIFFUSION_DATA_ROOT or a shared/data folder beside the repository when present, else a small generated stand-in."""
 from __future__ import annotations
 
 import base64

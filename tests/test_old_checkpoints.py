@@ -1,39 +1,71 @@
-"""A checkpoint written by the previous version (format 2: one flat config of every setting) still loads and draws
-exactly the images that version drew. tests/fixtures/format2_tiny.pth and its PNGs were written by that version
-(commit 5ed95f0) with `python -m diffusion.sampling --checkpoint ... --amp none --memory-format contiguous`."""
+"""A checkpoint written by the version before format 3 (format 2: one flat config of every setting) still loads and
+draws exactly the images that version drew. The test takes that version's code from the repository's history
+(commit 5ed95f0), trains a tiny model with it and samples with it, then samples the same checkpoint with this code."""
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from diffusion.checkpoint import load_checkpoint, load_network
-from tests.conftest import png_pixels, run_inprocess
+from tests.conftest import ROOT, digit_png, png_pixels, run_inprocess
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-OLD = FIXTURES / "format2_tiny.pth"
+FORMAT_2 = "5ed95f0"  # the last commit that wrote format 2
 SAME = ["--amp", "none", "--memory-format", "contiguous", "--num-images", "4"]
+TASKS = {"sample": [], "interpolate": ["--interpolate", "--digit", "7"],
+         "inpaint": ["--inpaint", "DIGIT", "--guide-checkpoint", "none"],
+         "uncond": ["--unconditional", "--sampler", "ddim", "--steps", "5", "--guide-checkpoint", "CKPT"]}
 
 
-def test_the_fixture_is_a_format_2_checkpoint():
-    state = load_checkpoint(OLD)
+def flags(task: str, ckpt: Path, digit: Path) -> list[str]:
+    return [str(digit) if f == "DIGIT" else str(ckpt) if f == "CKPT" else f for f in TASKS[task]]
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory, data_root):
+    """(format-2 checkpoint, the PNGs the old code drew from it, the test digit), all made by commit 5ed95f0."""
+    work = tmp_path_factory.mktemp("format2")
+    archive = work / "old.tar"
+    got = subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), FORMAT_2, "diffusion"],
+                         capture_output=True, text=True)
+    if got.returncode != 0:
+        pytest.skip(f"commit {FORMAT_2} is not in this checkout's history ({got.stderr.strip()[:80]})")
+    with tarfile.open(archive) as tar:
+        tar.extractall(work / "code", filter="data")
+    digit, _ = digit_png(work)
+
+    ckpt = work / "ck" / "epoch_001.pth"
+    calls = [("diffusion.main", ["--base-channels", "8", "--channel-mults", "1", "--timesteps", "50", "--limit-train",
+                                 "128", "--batch-size", "64", "--warmup-steps", "2", "--epochs", "1", "--sample-every", "0",
+                                 "--data-root", str(data_root), "--ckpt-dir", str(work / "ck"), "--out-dir", str(work),
+                                 "--amp", "none", "--memory-format", "contiguous"])]
+    calls += [("diffusion.sampling", ["--checkpoint", str(ckpt), *SAME, *flags(task, ckpt, digit),
+                                      "--output", str(work / f"{task}.png")]) for task in TASKS]
+    script = "import importlib\n" + "".join(f"importlib.import_module({m!r}).main({a!r})\n" for m, a in calls)
+    res = subprocess.run([sys.executable, "-c", script], cwd=work / "code", capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]  # one process: the old code is imported once
+    return ckpt, work, digit
+
+
+def test_the_old_code_wrote_format_2(old_run):
+    state = load_checkpoint(old_run[0])
     assert state["format"] == 2 and "config" in state and "model_config" not in state
     assert "sample_steps" in state["config"], "format 2 stored the run's sampling settings too"
 
 
-def test_a_format_2_checkpoint_loads_with_what_training_fixed():
-    loaded = load_network(OLD)
+def test_a_format_2_checkpoint_loads_with_what_training_fixed(old_run):
+    loaded = load_network(old_run[0])
     assert (loaded.config.base_channels, loaded.config.channel_mults, loaded.config.timesteps) == (8, (1,), 50)
     assert loaded.config.learned_unconditional and loaded.epoch == 1
 
 
-@pytest.mark.parametrize("name,flags", [
-    ("sample", []),
-    ("interpolate", ["--interpolate", "--digit", "7"]),
-    ("inpaint", ["--inpaint", str(FIXTURES / "format2_digit.png"), "--guide-checkpoint", "none"]),
-    ("uncond", ["--unconditional", "--sampler", "ddim", "--steps", "5", "--guide-checkpoint", str(OLD)]),
-])
-def test_a_format_2_checkpoint_draws_the_images_the_previous_version_drew(tmp_path, capsys, name, flags):
-    out = tmp_path / f"{name}.png"
-    res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(OLD), *SAME, *flags, "--output", str(out))
+@pytest.mark.parametrize("task", TASKS)
+def test_a_format_2_checkpoint_draws_the_images_the_old_code_drew(old_run, tmp_path, capsys, task):
+    ckpt, work, digit = old_run
+    out = tmp_path / f"{task}.png"
+    res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(ckpt), *SAME, *flags(task, ckpt, digit),
+                        "--output", str(out))
     assert res.returncode == 0, res.stderr
-    assert torch.equal(png_pixels(out), png_pixels(FIXTURES / f"format2_tiny_{name}.png"))
+    assert torch.equal(png_pixels(out), png_pixels(work / f"{task}.png"))
