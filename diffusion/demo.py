@@ -294,14 +294,18 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a number this demo takes")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("demo", __doc__.splitlines()[0], SampleConfig, (RuntimeConfig, (
+def parser():
+    p = build_parser("demo", __doc__.splitlines()[0], SampleConfig, (RuntimeConfig, (
         "device", "threads", "amp", "memory_format", "seed", "ckpt_dir")))
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint file or exported folder (default: the latest in --ckpt-dir)")
-    parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: %(default)s; 0 = any free)")
-    parser.add_argument("--open", action="store_true", default=False, help="open the page in the default browser")
-    args, configs = parse(parser, argv)
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint file or exported folder (default: the latest in --ckpt-dir)")
+    p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: %(default)s; 0 = any free)")
+    p.add_argument("--open", action="store_true", default=False, help="open the page in the default browser")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, configs = parse(parser(), argv)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     runtime_cfg = configs[RuntimeConfig]

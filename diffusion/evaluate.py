@@ -22,16 +22,20 @@ from diffusion.metrics import MIN_IMAGES, evaluate, load_samples
 MAX_SCORED = 10_000  # the MNIST test set
 
 
+def parser():
+    p = build_parser("evaluate", "Score generated digits against MNIST with the project's classifier.",
+                     SampleConfig, RuntimeConfig, (DataConfig, ("data_root", "download")))
+    add_generation_args(p)
+    p.add_argument("--samples", default=None, help="score this .npy (N x 28 x 28 uint8) or PNG grid instead")
+    p.add_argument("--n", type=int, default=1000, help="samples to generate and score (default: 1000)")
+    p.add_argument("--classifier", default=str(DEFAULT_PATH),
+                   help="classifier from `python -m diffusion.classifier` (default: %(default)s)")
+    p.add_argument("--json", action="store_true", default=False, help="print JSON instead of a table")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("evaluate", "Score generated digits against MNIST with the project's classifier.",
-                          SampleConfig, RuntimeConfig, (DataConfig, ("data_root", "download")))
-    add_generation_args(parser)
-    parser.add_argument("--samples", default=None, help="score this .npy (N x 28 x 28 uint8) or PNG grid instead")
-    parser.add_argument("--n", type=int, default=1000, help="samples to generate and score (default: 1000)")
-    parser.add_argument("--classifier", default=str(DEFAULT_PATH),
-                        help="classifier from `python -m diffusion.classifier` (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", default=False, help="print JSON instead of a table")
-    args, configs = parse(parser, argv)
+    args, configs = parse(parser(), argv)
     if args.samples:
         images = load_samples(Path(args.samples))
     else:

@@ -21,7 +21,7 @@ from diffusion.config import RunConfig, learns_unconditional, parse_interval
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
 from diffusion.diffusion_utils import diffusion_loss, min_snr_weights, schedule_from_config
 from diffusion.errors import UserError
-from diffusion.generation import generate
+from diffusion.generation import generate, sample_labels
 from diffusion.logger import make_logger
 from diffusion.model import build_model
 from diffusion.recipe import choose_recipe
@@ -345,7 +345,7 @@ def end_of_budget(run: TrainingRun) -> None:
     out = Path(run.cfg.runtime.out_dir)
     if run.cfg.train.sample_every:
         out.mkdir(parents=True, exist_ok=True)
-        save_grid(preview_samples(run), out / "final.png", nrow=10)
+        save_grid(preview_samples(run), out / "final.png", nrow=run.cfg.model.num_classes or 10)
 
 
 def write_pictures(run: TrainingRun, record: dict) -> None:
@@ -357,19 +357,27 @@ def write_pictures(run: TrainingRun, record: dict) -> None:
     save_loss_curve(run.history, run.curve, out / "loss_curve.png")
     if run.cfg.train.sample_every and run.epoch % run.cfg.train.sample_every == 0:
         preview = preview_samples(run)
-        save_grid(preview, out / f"epoch_{run.epoch:03d}.png", nrow=10)
+        save_grid(preview, out / f"epoch_{run.epoch:03d}.png", nrow=run.cfg.model.num_classes or 10)
         run.logger.image("preview", preview, run.step)
 
 
+PREVIEW_SEED = 1234
+
+
 def preview_samples(run: TrainingRun) -> torch.Tensor:
-    """A fixed-seed set from the EMA weights: two per class when conditional, else 20 samples."""
-    n, model = 20, run.cfg.model
+    """A fixed-seed set from the EMA weights: the images of `python -m diffusion.sampling --all-digits
+    --num-images 2 --seed 1234 --guide-checkpoint none` (20 without labels), shown one column per class."""
+    model = run.cfg.model
+    labels = sample_labels(model, 2, all_digits=True) if model.num_classes else None
+    n = 20 if labels is None else len(labels)
     if run.preview_runtime is None:
         run.preview_runtime = setup_runtime(run.cfg.runtime, model, run.ema.module, "sample",
                                             min(run.preview_recipe.batch, n), device=run.device, verbose=False)
-    labels = torch.arange(n) % model.num_classes if model.num_classes else None
-    return generate(run.ema.module, model, run.preview_recipe, n, labels, run.preview_runtime, seed=1234,
-                    progress=False)
+    x = generate(run.ema.module, model, run.preview_recipe, n, labels, run.preview_runtime, seed=PREVIEW_SEED,
+                 progress=False)
+    if labels is None:
+        return x
+    return x.view(model.num_classes, 2, *x.shape[1:]).transpose(0, 1).reshape(x.shape)  # row k: the k-th of each
 
 
 def train(cfg: RunConfig, resume: str | None = None) -> TrainingRun:
