@@ -29,6 +29,7 @@ LATEST = "latest"  # a text file holding the name of the newest checkpoint
 FORMAT = 3  # 3: model_config apart from training settings; 2: one flat config; 1: linear betas not scaled to T
 REQUIRED_KEYS = ("model", "ema", "epoch", "step")
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder
+MAX_CONFIG_BYTES = 100_000
 
 
 def epoch_name(epoch: int) -> str:
@@ -72,6 +73,16 @@ def check_writable_folder(folder: Path, what: str) -> None:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as err:
         raise UserError(f"{what} {folder} is not a writable folder ({err.strerror or err})") from None
+
+
+def check_room(folder: Path, model: torch.nn.Module, what: str) -> None:
+    """Fail before work starts when `folder` cannot hold the next checkpoint beside the last one: the weights,
+    their EMA and Adam's two moments, written to a temporary file before the old one is replaced."""
+    need = 2 * 4 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UserError(f"{what} {folder} has {free / 2**20:.0f} MB free; a checkpoint of this model needs about "
+                        f"{need / 2**20:.0f} MB (the new file is written beside the old one)")
 
 
 def save_checkpoint(state: dict, path: Path, keep_last: int = 0) -> None:
@@ -245,7 +256,14 @@ def read_exported(folder: Path) -> tuple[ModelConfig, dict, None]:
         raise UserError(f"{folder} is not an exported model: it has no {' and no '.join(missing)} "
                         f"(write one with `python -m diffusion.export {folder}`)")
     try:
-        meta = json.loads((folder / CONFIG).read_text(encoding="utf-8")[:1_000_000])
+        with open(folder / CONFIG, "rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise UserError(f"{folder / CONFIG} is larger than {MAX_CONFIG_BYTES // 1000} kB; a model's config is "
+                            "a few hundred bytes")
+        meta = json.loads(text.decode("utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read {folder / CONFIG}: {err.strerror or err}") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise UserError(f"{folder / CONFIG} is not valid JSON ({_first_line(err)})") from None
     if not isinstance(meta, dict):

@@ -10,7 +10,7 @@ from diffusion.checkpoint import load_network, resolve_checkpoint
 from diffusion.cli import add_generation_args, build_parser, parse, run_cli
 from diffusion.config import MAX_IMAGES, RuntimeConfig, SampleConfig
 from diffusion.dataloader import to_uint8
-from diffusion.errors import UserError
+from diffusion.errors import UserError, writing
 from diffusion.generation import generate, interpolation_noise, prepare, sample_labels
 from diffusion.uploads import REGIONS, digit_to_model_range, mask_keep, read_png_file, region_keep
 from diffusion.visuals import Animation, save_grid
@@ -74,14 +74,17 @@ def main(argv: list[str] | None = None) -> None:
     animation = Animation(recipe.steps, nrow, args.gif_x0) if args.gif else None
     x = generate(loaded.net, model, recipe, n, labels, runtime, seed=runtime_cfg.seed, weak=weak, callback=animation,
                  **editing)
-    save_grid(x, output, nrow=nrow)
+    with writing(output):
+        save_grid(x, output, nrow=nrow)
     print(f"wrote {n} images from {loaded.path} ({recipe}) to {output}")
     if args.npy:
         pixels = to_uint8(x).cpu()
-        np.save(args.npy, pixels.squeeze(1).numpy() if model.channels == 1 else pixels.permute(0, 2, 3, 1).numpy())
+        with writing(args.npy):
+            np.save(args.npy, pixels.squeeze(1).numpy() if model.channels == 1 else pixels.permute(0, 2, 3, 1).numpy())
         print(f"wrote {args.npy}")
     if animation:
-        animation.save(Path(args.gif))
+        with writing(args.gif):
+            animation.save(Path(args.gif))
         print(f"wrote {args.gif}")
 
 

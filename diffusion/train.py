@@ -15,12 +15,12 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from diffusion.autotune import setup_runtime
-from diffusion.checkpoint import (FORMAT, check_same_model, check_writable_folder, epoch_name, find_latest,
-                                  load_checkpoint, load_weights, model_config, save_checkpoint)
+from diffusion.checkpoint import (FORMAT, check_room, check_same_model, check_writable_folder, epoch_name,
+                                  find_latest, load_checkpoint, load_weights, model_config, save_checkpoint)
 from diffusion.config import RunConfig, learns_unconditional, parse_interval
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
 from diffusion.diffusion_utils import diffusion_loss, min_snr_weights, schedule_from_config
-from diffusion.errors import UserError
+from diffusion.errors import UserError, writing
 from diffusion.generation import generate, sample_labels
 from diffusion.logger import make_logger
 from diffusion.model import build_model
@@ -332,7 +332,8 @@ def end_of_epoch(run: TrainingRun, seconds: float, images_seen: int) -> None:
     of_total = "" if run.budget else f"/{run.cfg.train.epochs}"
     tqdm.write(f"epoch {run.epoch}{of_total}  mean loss {mean_loss:.4f}  "
                f"{record['images_per_s']:.0f} images/s  {seconds:.0f}s  -> {path}")
-    write_pictures(run, record)
+    with writing(f"the epoch's pictures in {run.cfg.runtime.out_dir}", f"; {path} is saved: make room, then --resume"):
+        write_pictures(run, record)
 
 
 def end_of_budget(run: TrainingRun) -> None:
@@ -344,8 +345,8 @@ def end_of_budget(run: TrainingRun) -> None:
                f"{run.batch_in_epoch}/{run.steps_per_epoch} batches) -> {path}")
     out = Path(run.cfg.runtime.out_dir)
     if run.cfg.train.sample_every:
-        out.mkdir(parents=True, exist_ok=True)
-        save_grid(preview_samples(run), out / "final.png", nrow=run.cfg.model.num_classes or 10)
+        with writing(out / "final.png", f"; {path} is saved"):
+            save_grid(preview_samples(run), out / "final.png", nrow=run.cfg.model.num_classes or 10)
 
 
 def write_pictures(run: TrainingRun, record: dict) -> None:
@@ -386,6 +387,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainingRun:
         check_writable_folder(Path(folder), what)  # before any step is spent
     rank, world, device = setup_distributed(cfg)
     run = TrainingRun(cfg, rank, world, device)
+    if rank == 0:
+        check_room(Path(cfg.runtime.ckpt_dir), run.model, "--ckpt-dir")
     path = find_latest(Path(cfg.runtime.ckpt_dir)) if resume == "latest" else Path(resume) if resume else None
     if path:
         run.load(path)

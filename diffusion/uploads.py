@@ -30,7 +30,7 @@ def decode_square_png(data: bytes, size: int, channels: int, what: str = "image"
         raise UserError(f"the {what} is {width} x {height} pixels; it must be square, at most {MAX_SIDE} pixels a side")
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as png:
-            pixels = np.array(png.convert("L" if channels == 1 else "RGB"))
+            pixels = np.array(as_viewed(png).convert("L" if channels == 1 else "RGB"))
     except (OSError, ValueError, SyntaxError) as err:  # what Pillow raises on damaged or truncated files
         raise UserError(f"the {what} is a damaged PNG ({str(err).splitlines()[0][:120]})") from None
     image = torch.from_numpy(pixels).view(width, width, -1).permute(2, 0, 1)
@@ -39,11 +39,32 @@ def decode_square_png(data: bytes, size: int, channels: int, what: str = "image"
     return image
 
 
+def as_viewed(png: Image.Image) -> Image.Image:
+    """The 8-bit picture a viewer shows. 16-bit grey is scaled by value (Pillow's convert would clip it at 255).
+    A transparent ground is filled with the shade opposite the ink: black strokes on a transparent ground are a
+    drawing on white paper, white strokes one on black."""
+    if png.mode.startswith("I"):  # 16-bit grey PNG: 0..65535
+        png = Image.fromarray((np.asarray(png, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8), "L")
+    if "A" not in png.mode and "transparency" not in png.info:
+        return png
+    rgba = np.asarray(png.convert("RGBA"), dtype=np.float64)
+    colour, alpha = rgba[..., :3], rgba[..., 3:] / 255
+    if alpha.min() == 1:
+        return png.convert("RGB")
+    ink = (colour * alpha).sum() / max(alpha.sum() * 3, 1e-9)  # the mean shade of what is drawn
+    ground = 255.0 if ink < 127.5 else 0.0
+    return Image.fromarray((colour * alpha + ground * (1 - alpha)).round().astype(np.uint8), "RGB")
+
+
 def read_png_file(path: str | Path, size: int, channels: int, what: str) -> torch.Tensor:
+    """A PNG from disk, never reading more than MAX_BYTES + 1 bytes (a file may be endless, like /dev/zero)."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
     except OSError as err:
         raise UserError(f"cannot read the {what} {path}: {err.strerror or err}") from None
+    if len(data) > MAX_BYTES:
+        raise UserError(f"the {what} {path} is larger than {MAX_BYTES / 1e6:g} MB; a digit's PNG is a few kB")
     return decode_square_png(data, size, channels, f"{what} {path}")
 
 

@@ -78,6 +78,15 @@ def tiny_checkpoint(data_root, tmp_path_factory) -> Path:
     return work / "ck" / "epoch_001.pth"
 
 
+def assert_clean_error(res, needle: str, after_progress: bool = False) -> None:
+    """One error line on stderr (after_progress: the last line, after progress bars of the work done)."""
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()[-1:] if after_progress else res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+
+
 def run_cli(module: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """TrainingRun `python -m module args` as a user would; returns the completed process."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,

@@ -8,15 +8,7 @@ import torch
 
 from diffusion.checkpoint import load_checkpoint, save_checkpoint
 from diffusion.errors import UserError
-from tests.conftest import TINY, make_fake_mnist, run_cli, run_inprocess
-
-
-def assert_clean_error(res, needle: str) -> None:
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    assert needle in lines[0], lines[0]
-    assert "Traceback" not in res.stderr
+from tests.conftest import TINY, assert_clean_error, make_fake_mnist, run_cli, run_inprocess
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +195,57 @@ def test_full_disk_keeps_old_checkpoint(ckpt, tmp_path, monkeypatch):
         save_checkpoint({"model": {}}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["epoch_001.pth"], "no temporary file may be left behind"
+
+
+@pytest.mark.parametrize("labels, needle", [(lambda y: y[:-5], "labels for 2048 images"),
+                                             (lambda y: torch.cat([y[:-1], torch.tensor([200], dtype=torch.uint8)]),
+                                              "a label outside 0..9 (200)")])
+def test_data_files_that_disagree_are_refused_before_training(tmp_path, capsys, labels, needle):
+    from tests.conftest import write_idx
+
+    root = make_fake_mnist(tmp_path / "data")
+    raw = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    original = torch.frombuffer(bytearray(raw.read_bytes()[8:]), dtype=torch.uint8)
+    write_idx(raw, labels(original))
+    res = run_inprocess(capsys, "diffusion.main", *TINY, "--data-root", str(root), "--no-download",
+                        "--ckpt-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out"))
+    assert_clean_error(res, needle)
+    assert str(raw) in res.stderr and not (tmp_path / "ck" / "epoch_001.pth").exists()
+
+
+def no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")  # what a full disk's write() raises
+
+
+@pytest.mark.parametrize("writer, flags", [("diffusion.sampling.save_grid", []),
+                                           ("numpy.save", ["--npy", "samples.npy"]),
+                                           ("diffusion.visuals.Animation.save", ["--gif", "steps.gif"])])
+def test_a_full_disk_while_writing_samples_is_one_line(ckpt, tmp_path, monkeypatch, capsys, writer, flags):
+    monkeypatch.setattr(writer, no_space)
+    flags = [str(tmp_path / f) if f.endswith((".npy", ".gif")) else f for f in flags]
+    res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(ckpt), "--output", str(tmp_path / "x.png"),
+                        *flags)
+    assert_clean_error(res, "No space left on device", after_progress=True)
+
+
+def test_a_full_disk_after_the_checkpoint_keeps_it_and_says_so(tmp_path, data_root, monkeypatch, capsys):
+    monkeypatch.setattr("diffusion.train.save_loss_curve", no_space)
+    res = run_inprocess(capsys, "diffusion.main", *TINY, "--epochs", "2", "--sample-every", "0", "--data-root",
+                        str(data_root), "--ckpt-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out"))
+    assert_clean_error(res, "epoch_001.pth is saved", after_progress=True)
+    assert load_checkpoint(tmp_path / "ck" / "epoch_001.pth")["epoch"] == 1
+    assert (tmp_path / "ck" / "latest").read_text().strip() == "epoch_001.pth"
+
+
+def test_no_room_for_a_checkpoint_is_refused_before_the_first_step(tmp_path, data_root, monkeypatch, capsys):
+    import shutil
+
+    full = shutil.disk_usage(tmp_path)._replace(free=10_000)
+    monkeypatch.setattr("diffusion.checkpoint.shutil.disk_usage", lambda path: full)
+    monkeypatch.setattr("diffusion.train.train_one_epoch", lambda *a: pytest.fail("a training step ran"))
+    res = run_inprocess(capsys, "diffusion.main", *TINY, "--epochs", "1", "--data-root", str(data_root),
+                        "--ckpt-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out"))
+    assert_clean_error(res, "MB free; a checkpoint of this model needs about")
 
 
 def test_tensorboard_logger_without_tensorboard_is_one_line(tmp_path, data_root):

@@ -1,10 +1,13 @@
 """python -m diffusion.export: a folder with safetensors and config.json that the commands load like a checkpoint."""
 import json
+import shutil
+from pathlib import Path
 
+import pytest
 import torch
 
 from diffusion.checkpoint import load_checkpoint
-from tests.conftest import png_pixels, run_cli, run_inprocess
+from tests.conftest import assert_clean_error, png_pixels, run_cli, run_inprocess
 
 
 def test_exported_folder_samples_the_same_images_as_its_checkpoint(tiny_checkpoint, tmp_path, capsys):
@@ -42,3 +45,66 @@ def test_exported_folders_refuse_raw_weights_and_damage_in_one_line(tiny_checkpo
     (folder / "model.safetensors").unlink()
     res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(folder), "--output", str(tmp_path / "x.png"))
     assert res.returncode == 2 and "no model.safetensors" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("exported") / "model"
+    res = run_cli("diffusion.export", str(folder), "--checkpoint", str(tiny_checkpoint))
+    assert res.returncode == 0, res.stderr
+    return folder
+
+
+def set_config(folder: Path, **fields) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["model_config"].update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def set_weight(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.dim() == 4)  # a convolution's kernel
+    weights[name] = change(weights[name])
+    save_file(weights, folder / "model.safetensors")
+
+
+FOLDERS = {  # what is wrong in a folder someone sent -> what the one line says
+    "a huge network": (lambda f: set_config(f, base_channels=10**6), "--base-channels in"),
+    "a billion timesteps": (lambda f: set_config(f, timesteps=10**9), "--timesteps in"),
+    "a billion classes": (lambda f: set_config(f, num_classes=10**9), "--num-classes in"),
+    "100,000 blocks": (lambda f: set_config(f, num_res_blocks=10**5), "--num-res-blocks in"),
+    "parameters past the cap": (lambda f: set_config(f, base_channels=1024, channel_mults=[1, 2, 4]),
+                                "parameters"),
+    "a number as text": (lambda f: set_config(f, base_channels="32"), "must be an integer, got '32'"),
+    "a float for an integer": (lambda f: set_config(f, timesteps=1000.5), "must be an integer, got 1000.5"),
+    "null": (lambda f: set_config(f, image_size=None), "must be an integer, got None"),
+    "a number for a list": (lambda f: set_config(f, channel_mults=7), "takes a list of numbers"),
+    "NaN weights": (lambda f: set_weight(f, lambda w: w.fill_(float("nan"))), "NaN or infinite"),
+    "floats relabelled as integers": (lambda f: set_weight(f, lambda w: w.view(torch.int32)), "is torch.int32"),
+    "a wrong shape": (lambda f: set_weight(f, lambda w: w[:1]), "has shape"),
+    "no config.json": (lambda f: (f / "config.json").unlink(), "has no config.json"),
+    "an empty folder": (lambda f: [p.unlink() for p in f.iterdir()], "has no config.json and no model.safetensors"),
+    "config.json not JSON": (lambda f: (f / "config.json").write_text("{'base_channels': 32"), "not valid JSON"),
+    "config.json a list": (lambda f: (f / "config.json").write_text("[1, 2]"), "must hold a JSON object"),
+    "config.json enormous": (lambda f: (f / "config.json").write_bytes(b" " * 200_000 + b"{}"), "larger than"),
+}
+
+
+@pytest.mark.parametrize("case", FOLDERS)
+def test_an_exported_folder_is_checked_before_anything_is_built(exported, tmp_path, capsys, case):
+    damage, needle = FOLDERS[case]
+    folder = tmp_path / "sent"
+    shutil.copytree(exported, folder)
+    damage(folder)
+    res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(folder), "--output", str(tmp_path / "x.png"))
+    assert_clean_error(res, needle)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_weights_file_inside_the_folder_names_the_folder(exported, tmp_path, capsys):
+    res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(exported / "model.safetensors"),
+                        "--output", str(tmp_path / "x.png"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "x.png").exists()
