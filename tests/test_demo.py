@@ -32,7 +32,8 @@ def server(tiny_checkpoint):
     assert " at http://127.0.0.1:" in line, line + proc.stderr.read()
     yield line.split(" at ")[1].split()[0].rstrip("/")
     proc.terminate()
-    proc.wait(timeout=30)
+    _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, "every request this module sent, bad ones included, left stderr clean:\n" + err
 
 
 def post(url: str, body, raw: bool = False) -> tuple[int, list[dict]]:
@@ -253,3 +254,39 @@ def test_bad_or_unbounded_requests_get_a_400_with_one_line(server, request_body,
 def test_pages_cannot_be_framed(server):
     with NO_PROXY.open(server + "/", timeout=30) as reply:
         assert reply.headers["X-Frame-Options"] == "DENY" and "frame-ancestors 'none'" in reply.headers["Content-Security-Policy"]
+
+
+def test_a_run_stops_when_its_tab_goes_away(tiny_checkpoint):
+    """The page's connection closes mid-run: the next frame's write fails, sampling stops there and the network
+    is free for the next tab at once."""
+    from diffusion import demo as demo_command
+    from diffusion.cli import parse
+    from diffusion.config import RuntimeConfig, SampleConfig
+
+    _, configs = parse(demo_command.parser(), ["--checkpoint", str(tiny_checkpoint), *SAME_PRECISION])
+    page = demo_command.Demo(tiny_checkpoint, configs[SampleConfig], configs[RuntimeConfig])
+    sent = []
+
+    def closed_after_three(message):
+        if len(sent) == 3:
+            raise BrokenPipeError(32, "Broken pipe")
+        sent.append(message)
+
+    with pytest.raises(BrokenPipeError):
+        page.run({"sampler": "ddpm"}, closed_after_three)  # 50 steps of the tiny model's schedule
+    assert [m["frame"] for m in sent] == [1, 2, 3]
+    assert page.lock.acquire(blocking=False), "the network is free again"
+    page.lock.release()
+
+
+def test_a_closed_connection_leaves_the_server_serving(server):
+    import socket
+
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"sampler": "ddpm"}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /api/run HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (host.encode(), port.encode(), len(body), body))
+        assert s.recv(64).startswith(b"HTTP/1.0 200")  # the run started; the tab closes now
+    status, reply = post(server + "/api/run", {"task": "sample", "steps": "2"})
+    assert status == 200 and reply[-1]["done"]
