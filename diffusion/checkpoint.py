@@ -292,11 +292,16 @@ def export(checkpoint: Path, folder: Path) -> None:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         new = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.new."))
+    except OSError as err:
+        raise UserError(f"could not write {folder}: {err.strerror or err}") from None
+    try:
         _atomic_write(new / WEIGHTS, lambda f: f.write(save(weights, metadata={"format": str(FORMAT)})))
         _atomic_write(new / CONFIG, lambda f: f.write(json.dumps(meta, indent=1).encode() + b"\n"))
         _swap_in(new, folder)
     except OSError as err:
         raise UserError(f"could not write {folder}: {err.strerror or err}; any earlier export there is unchanged") from None
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # gone already when the swap succeeded
 
 
 def _swap_in(new: Path, folder: Path) -> None:

@@ -290,3 +290,11 @@ def test_a_closed_connection_leaves_the_server_serving(server):
         assert s.recv(64).startswith(b"HTTP/1.0 200")  # the run started; the tab closes now
     status, reply = post(server + "/api/run", {"task": "sample", "steps": "2"})
     assert status == 200 and reply[-1]["done"]
+
+
+@pytest.mark.parametrize("port", ["-1", "70000"])
+def test_a_port_out_of_range_is_one_line(tiny_checkpoint, capsys, port):
+    from tests.conftest import assert_clean_error, run_inprocess
+
+    res = run_inprocess(capsys, "diffusion.demo", "--checkpoint", str(tiny_checkpoint), "--port", port)
+    assert_clean_error(res, "--port must be in 0..65535")

@@ -108,3 +108,34 @@ def test_the_weights_file_inside_the_folder_names_the_folder(exported, tmp_path,
                         "--output", str(tmp_path / "x.png"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "x.png").exists()
+
+
+def test_an_export_that_fails_halfway_leaves_the_earlier_export_whole(exported, tiny_checkpoint, tmp_path,
+                                                                      monkeypatch):
+    """The new folder is written beside the old one and swapped in: a failure (or a kill) while writing
+    config.json after the weights never leaves new weights under an old config."""
+    import diffusion.checkpoint as checkpoint
+    from diffusion.errors import UserError
+
+    folder = tmp_path / "model"
+    shutil.copytree(exported, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    state = load_checkpoint(tiny_checkpoint)
+    state["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["ema"].items()}
+    newer = tmp_path / "epoch_002.pth"
+    checkpoint.save_checkpoint(state, newer)
+    real_write = checkpoint._atomic_write
+
+    def fail_on_config(path, write):
+        if path.name == "config.json":
+            raise OSError(28, "No space left on device")
+        real_write(path, write)
+
+    monkeypatch.setattr(checkpoint, "_atomic_write", fail_on_config)
+    with pytest.raises(UserError, match="earlier export there is unchanged"):
+        checkpoint.export(newer, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_002.pth", "latest", "model"], "no half-written folder"
+    monkeypatch.setattr(checkpoint, "_atomic_write", real_write)
+    checkpoint.export(newer, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} != before
