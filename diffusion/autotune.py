@@ -23,6 +23,7 @@ import torch
 from diffusion.diffusion_utils import diffusion_loss, make_schedule
 from diffusion.runtime import Precision, Runtime, resolve_device
 
+clock = time.perf_counter
 # what decides the speed of a step, besides the machine
 SPEED_FIELDS = ("image_size", "channels", "num_classes", "base_channels", "channel_mults", "num_res_blocks",
                 "attention_resolutions")
@@ -48,6 +49,8 @@ def candidates(cfg, device: torch.device) -> list[Precision]:
     """The settings --amp and --memory-format leave open on this device, best guess first."""
     if device.type in ("cpu", "cuda"):
         bf16s = [False, True] if cfg.amp == "auto" else [cfg.amp == "bf16"]
+        if device.type == "cpu" and cfg.amp == "auto" and native_bf16() is False:
+            bf16s = [False]  # emulated bf16 runs several times slower than fp32: not worth timing
         lasts = [True, False] if cfg.memory_format == "auto" else [cfg.memory_format == "channels_last"]
     else:  # MPS and others: fp32 and the default layout, unless asked
         bf16s, lasts = [cfg.amp == "bf16"], [cfg.memory_format == "channels_last"]
@@ -75,24 +78,33 @@ def choose_precision(cfg, model_cfg, device: torch.device, model: torch.nn.Modul
 
 
 def time_candidates(model: torch.nn.Module, cfg, device: torch.device, options: list[Precision], purpose: str,
-                    batch: int, warmup: int = 2, rounds: int = 3) -> dict[Precision, float]:
+                    batch: int, warmup: int = 2, rounds: int = 3, slower: float = 2.0) -> dict[Precision, float]:
     """Seconds per step of each candidate, the best of `rounds`, taken in turns so that a passing load on
-    the machine slows every candidate alike; the first calls only warm up oneDNN's kernel caches."""
+    the machine slows every candidate alike; the first calls only warm up oneDNN's kernel caches. A candidate
+    `slower` times slower than the best so far after its first call is not timed further."""
     steps = {p: make_step(model, cfg, device, p, purpose, batch) for p in options}
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     best = dict.fromkeys(options, float("inf"))
+    for p, step in list(steps.items()):
+        best[p] = timed(step, device)  # its first call: an upper bound on its speed
+        if best[p] > slower * min(best.values()) and p is not options[0]:
+            del steps[p]
+            continue
+        for _ in range(warmup - 1):
+            step()
     for _ in range(rounds):
         for p, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best[p] = min(best[p], time.perf_counter() - start)
+            best[p] = min(best[p], timed(step, device))
     return best
+
+
+def timed(step, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = clock()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return clock() - start
 
 
 def make_step(model: torch.nn.Module, cfg, device: torch.device, precision: Precision, purpose: str, batch: int):
@@ -129,13 +141,25 @@ def machine_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags where the OS lists them (Linux), else None."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        return None
+
+
+def native_bf16() -> bool | None:
+    """Whether this x86 CPU computes bf16 in hardware (AVX512-BF16 or AMX), or None where that is unknown."""
+    flags = cpu_flags()
+    if flags is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def cpu_features() -> str:
     """What decides bf16's speed on a CPU besides its name: the vector instructions torch uses and native bf16."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
-    except (OSError, IndexError):
-        flags = set()
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    native = sorted((cpu_flags() or set()) & {"avx512_bf16", "amx_bf16"})
     return f"{torch.backends.cpu.get_cpu_capability()}{' ' + ' '.join(native) if native else ''}"
 
 

@@ -19,9 +19,14 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "precision.json"
 
 
-def test_candidates_follow_the_flags_and_the_device():
+def test_candidates_follow_the_flags_and_the_device(monkeypatch):
     R = RuntimeConfig
-    assert len(candidates(R(), CPU)) == 4
+    for native, count in ((True, 4), (None, 4), (False, 2)):  # bf16 is timed unless the CPU surely emulates it
+        monkeypatch.setattr(autotune, "native_bf16", lambda: native)
+        assert len(candidates(R(), CPU)) == count
+    assert not any(p.bf16 for p in candidates(R(), CPU))
+    assert candidates(R(amp="bf16"), CPU)[0].bf16, "asked for, bf16 runs even where it is emulated"
+    monkeypatch.setattr(autotune, "native_bf16", lambda: True)
     assert candidates(R(amp="none", memory_format="contiguous"), CPU) == [Precision(False, False)]
     assert {p.channels_last for p in candidates(R(amp="bf16"), CPU)} == {True, False}
     assert len(candidates(R(), torch.device("cuda"))) == 4  # timed on a GPU too: fp32 can win there
@@ -51,6 +56,38 @@ def test_the_fastest_is_chosen_said_and_cached(cache, monkeypatch, capsys):
     monkeypatch.setattr(autotune, "cpu_features", lambda: "AVX512 amx_bf16")  # same name, other instructions
     with pytest.raises(AssertionError):
         choose_precision(cfg, model_cfg, CPU, model, "train", 64)
+
+
+def test_a_clearly_slower_candidate_is_dropped_after_its_first_call(monkeypatch):
+    """Emulated bf16 costs an order of magnitude more per step: one call tells, the other rounds would waste
+    minutes of a laptop's start-up."""
+    cost = {Precision(False, True): 1.0, Precision(False, False): 1.1, Precision(True, True): 12.0,
+            Precision(True, False): 13.0}
+    now, calls = [0.0], dict.fromkeys(cost, 0)
+
+    def make_step(model, cfg, device, precision, purpose, batch):
+        def step():
+            calls[precision] += 1
+            now[0] += cost[precision]
+        return step
+
+    monkeypatch.setattr(autotune, "make_step", make_step)
+    monkeypatch.setattr(autotune, "clock", lambda: now[0])
+    seconds = autotune.time_candidates(None, ModelConfig(), CPU, list(cost), "train", 64)
+    assert calls == {Precision(False, True): 5, Precision(False, False): 5, Precision(True, True): 1,
+                     Precision(True, False): 1}
+    assert seconds[Precision(False, True)] == pytest.approx(1.0) and seconds[Precision(True, True)] == pytest.approx(12.0)
+    assert min(seconds, key=seconds.get) == Precision(False, True)
+
+
+def test_native_bf16_is_read_from_the_cpus_flags(monkeypatch):
+    monkeypatch.setattr(autotune.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(autotune, "cpu_flags", lambda: {"avx2", "fma"})
+    assert autotune.native_bf16() is False
+    monkeypatch.setattr(autotune, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert autotune.native_bf16() is True
+    monkeypatch.setattr(autotune, "cpu_flags", lambda: None)  # macOS, Windows: unknown, so bf16 is timed
+    assert autotune.native_bf16() is None
 
 
 def test_the_cache_key_names_the_vector_instructions_torch_uses():
