@@ -17,7 +17,8 @@ from diffusion.dataloader import to_uint8
 from diffusion.digit_classifier import DEFAULT_PATH
 from diffusion.errors import UserError
 from diffusion.generation import generate, prepare, sample_labels
-from diffusion.metrics import MIN_IMAGES, evaluate, load_samples
+from diffusion.metrics import MIN_IMAGES, evaluate, likelihood_scores, load_samples
+from diffusion.runtime import resolve_device
 
 MAX_SCORED = 10_000  # the MNIST test set
 
@@ -31,24 +32,41 @@ def parser():
     p.add_argument("--classifier", default=str(DEFAULT_PATH),
                    help="classifier from `python -m diffusion.classifier` (default: %(default)s)")
     p.add_argument("--json", action="store_true", default=False, help="print JSON instead of a table")
+    p.add_argument("--bits-per-dim", type=int, default=0, metavar="N",
+                   help="also the paper's likelihood: the variational bound in bits per dimension on the first N "
+                        "test digits (Ho et al. 2020, Table 1; 0 = skip)")
+    p.add_argument("--strata", type=int, default=50,
+                   help="network calls per digit for --bits-per-dim, one in each of this many ranges of steps "
+                        "(default: %(default)s)")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args, configs = parse(parser(), argv)
+    runtime_cfg = configs[RuntimeConfig]
+    if args.samples and args.bits_per_dim:
+        raise UserError("--bits-per-dim scores the network, not a file of samples; drop --samples or --bits-per-dim")
+    if not args.samples and not MIN_IMAGES <= args.n <= MAX_SCORED:
+        raise UserError(f"--n must be in {MIN_IMAGES}..{MAX_SCORED}, got {args.n}")
+    if not 0 <= args.bits_per_dim <= MAX_SCORED:
+        raise UserError(f"--bits-per-dim must be in 0..{MAX_SCORED} test digits, got {args.bits_per_dim}")
+    loaded = None
     if args.samples:
         images = load_samples(Path(args.samples))
     else:
-        if not MIN_IMAGES <= args.n <= MAX_SCORED:
-            raise UserError(f"--n must be in {MIN_IMAGES}..{MAX_SCORED}, got {args.n}")
-        images = draw(args, configs[SampleConfig], configs[RuntimeConfig])
+        loaded = load_network(resolve_checkpoint(args.checkpoint, runtime_cfg.ckpt_dir), use_ema=not args.no_ema)
+        if args.bits_per_dim and not 1 <= args.strata < loaded.config.timesteps:
+            raise UserError(f"--strata must be in 1..{loaded.config.timesteps - 1}, got {args.strata}")
+        images = draw(loaded, args, configs[SampleConfig], runtime_cfg)
     card, floor = evaluate(images, configs[DataConfig], Path(args.classifier), args.digit)
+    if args.bits_per_dim:
+        card.update(likelihood_scores(loaded, configs[DataConfig], args.bits_per_dim, args.strata,
+                                      resolve_device(runtime_cfg.device), runtime_cfg.seed))
     print(json.dumps({"samples": card, "real_floor": floor}, indent=2) if args.json else format_table(card, floor))
 
 
-def draw(args, asked: SampleConfig, runtime_cfg: RuntimeConfig):
+def draw(loaded, args, asked: SampleConfig, runtime_cfg: RuntimeConfig):
     """args.n uint8 samples, labelled, seeded and guided as `python -m diffusion.sampling --num-images N` would."""
-    loaded = load_network(resolve_checkpoint(args.checkpoint, runtime_cfg.ckpt_dir), use_ema=not args.no_ema)
     labels = sample_labels(loaded.config, args.n, args.digit, False, args.unconditional, runtime_cfg.seed)
     recipe, weak, runtime = prepare(loaded, asked, runtime_cfg, task="sample", labelled=labels is not None, n=args.n,
                                     use_ema=not args.no_ema)
@@ -69,6 +87,10 @@ def format_table(card: dict, floor: dict) -> str:
     for name, key, fmt in rows:
         lines.append(f"{name:<42}{fmt.format(card[key]):>10}{fmt.format(floor[key]) if key in floor else '-':>12}")
     lines.append("class histogram: " + " ".join(f"{i}:{p:.2f}" for i, p in enumerate(card["class_histogram"])))
+    for key, what in (("bits_per_dim", "no label"), ("bits_per_dim_given_label", "given the label")):
+        if key in card:
+            lines.append(f"bits/dim, variational bound, {what} ({card['bits_per_dim_n']} test digits, "
+                         f"{card['bits_per_dim_strata']} strata): {card[key]:.3f} ± {card[key + '_se']:.3f}")
     return "\n".join(lines)
 
 

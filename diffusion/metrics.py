@@ -12,8 +12,10 @@ from PIL import Image
 
 from diffusion.config import DataConfig
 from diffusion.dataloader import load_images, to_unit_range
+from diffusion.diffusion_utils import schedule_from_config
 from diffusion.digit_classifier import DigitCNN, load_classifier
 from diffusion.errors import UserError
+from diffusion.likelihood import bits_per_dim
 
 
 @torch.no_grad()
@@ -151,3 +153,22 @@ def evaluate(images: torch.Tensor, data: DataConfig, classifier: Path, digit: in
     floor = scorecard(net, floor_images, reference, train, digit)
     floor.update(memorisation(reference, train))
     return card, floor
+
+
+def likelihood_scores(loaded, data: DataConfig, n: int, strata: int, device: torch.device, seed: int = 0) -> dict:
+    """Bits per dimension of the first n test digits in fp32, without labels (the paper's p(x)) where the
+    network learned that, and given each digit's label (p(x | label)) where it is conditional."""
+    images, labels = load_images(data.replace(limit_train=0), train=False)
+    if n > len(images):
+        raise UserError(f"--bits-per-dim {n} exceeds the {len(images)} test images")
+    x0, labels = images[:n].float() / 127.5 - 1, labels[:n]
+    net, schedule = loaded.net.to(device).float().eval(), schedule_from_config(loaded.config)
+    card = {"bits_per_dim_n": n, "bits_per_dim_strata": strata}
+    modes = {"bits_per_dim": None, "bits_per_dim_given_label": labels}
+    for key, given in modes.items():
+        if not (loaded.config.num_classes if given is not None else loaded.config.learned_unconditional):
+            continue
+        g = torch.Generator().manual_seed(seed)
+        bits = bits_per_dim(net, x0, schedule, strata, labels=given, device=device, generator=g, progress=True)
+        card[key], card[key + "_se"] = bits.mean().item(), (bits.std() / len(bits) ** 0.5).item() if n > 1 else 0.0
+    return card

@@ -138,3 +138,33 @@ def test_scorecard_reads_this_machines_data_root_from_the_environment(tiny_check
     res = run_inprocess(capsys, "diffusion.evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--json")
     assert res.returncode == 0, res.stderr
     assert seen == [elsewhere]
+
+
+def test_evaluate_reports_the_bound_it_computes(tiny_checkpoint, data_root, monkeypatch, capsys):
+    """--bits-per-dim N: the bound of the first N test digits, without labels and given them, with its spread;
+    the same numbers as likelihood.bits_per_dim called directly."""
+    import json
+
+    import diffusion.evaluate as evaluate_module
+    from diffusion.checkpoint import load_network
+    from diffusion.diffusion_utils import schedule_from_config
+    from diffusion.likelihood import bits_per_dim
+    from tests.conftest import run_inprocess
+
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: ({"n": 4}, {}))
+    res = run_inprocess(capsys, "diffusion.evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--json",
+                        "--bits-per-dim", "6", "--strata", "5", "--data-root", str(data_root), "--seed", "3")
+    assert res.returncode == 0, res.stderr
+    card = json.loads(res.stdout[res.stdout.index("{"):])["samples"]
+    loaded = load_network(tiny_checkpoint)
+    images, labels = load_images(DataConfig(data_root=str(data_root)), train=False)
+    x0 = images[:6].float() / 127.5 - 1
+    for key, given in (("bits_per_dim", None), ("bits_per_dim_given_label", labels[:6])):
+        bits = bits_per_dim(loaded.net, x0, schedule_from_config(loaded.config), 5, labels=given,
+                            generator=torch.Generator().manual_seed(3))
+        assert card[key] == pytest.approx(bits.mean().item(), rel=1e-6)
+        assert card[key + "_se"] == pytest.approx((bits.std() / 6 ** 0.5).item(), rel=1e-6)
+    assert 0 < card["bits_per_dim_given_label"] and card["bits_per_dim_strata"] == 5
+    bad = run_inprocess(capsys, "diffusion.evaluate", "--checkpoint", str(tiny_checkpoint), "--bits-per-dim", "5",
+                        "--strata", "500", "--n", "4", "--data-root", str(data_root))
+    assert bad.returncode == 2 and "--strata must be in 1..49" in bad.stderr

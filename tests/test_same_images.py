@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffusion import demo as demo_command
 from diffusion import evaluate as evaluate_command
+from diffusion.checkpoint import load_network
 from diffusion.cli import parse
 from diffusion.config import RuntimeConfig, SampleConfig
 from diffusion.metrics import split_grid
@@ -94,7 +95,8 @@ def test_evaluate_scores_the_images_the_command_draws(runs, capsys, tmp_path, ru
     _, npy, _ = command_grid(capsys, tmp_path, checkpoint, "--num-images", "24", *flags)
     args, configs = parse(evaluate_command.parser(), ["--checkpoint", str(checkpoint), "--n", "24", "--steps", "4",
                                                       *flags, *SAME_PRECISION])
-    drawn = evaluate_command.draw(args, configs[SampleConfig], configs[RuntimeConfig])
+    loaded = load_network(checkpoint)
+    drawn = evaluate_command.draw(loaded, args, configs[SampleConfig], configs[RuntimeConfig])
     assert np.array_equal(drawn.squeeze(1).numpy(), npy)
 
 
