@@ -55,10 +55,10 @@ def show(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def check_value(f: dataclasses.Field, value, where: str = ""):
+def check_value(f: dataclasses.Field, value, where: str = "", name: str | None = None):
     """`value` for field f if its type, finiteness and range are right (ints may stand for floats, tuples may
-    arrive as JSON lists); otherwise a UserError that names the flag, and where the value came from."""
-    meta, name = f.metadata, flag_name(f.name)
+    arrive as JSON lists); otherwise a UserError that names the flag (or `name`), and where the value came from."""
+    meta, name = f.metadata, name or flag_name(f.name)
     source = f" in {where}" if where else ""
     if value is None and f.default is None:
         return None
@@ -91,13 +91,15 @@ def _check_number(f: dataclasses.Field, value, kind: type, name: str):
     return value
 
 
-def build(cls, values: dict, where: str = ""):
-    """cls(**values) after checking each value (unknown keys are an error, like an unknown flag)."""
+def build(cls, values: dict, where: str = "", names: dict[str, str] | None = None):
+    """cls(**values) after checking each value (unknown keys are an error, like an unknown flag). names: what to
+    call a field in messages, where its flag is not what the user typed (the demo page's fields)."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
             raise UserError(f"{where or cls.__name__} has an unknown setting {key!r}")
-    return cls(**{k: check_value(known[k], v, where) for k, v in values.items()})
+    names = names or {}
+    return cls(**{k: check_value(known[k], v, where, names.get(k)) for k, v in values.items()})
 
 
 class Checked:

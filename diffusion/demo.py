@@ -12,7 +12,10 @@ the one network; a run stops when its tab goes away.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import re
+import shlex
 import threading
 import webbrowser
 from http import HTTPStatus
@@ -24,12 +27,14 @@ import torch
 from diffusion.autotune import setup_runtime
 from diffusion.checkpoint import load_network, resolve_checkpoint
 from diffusion.cli import build_parser, parse, run_cli
-from diffusion.config import MAX_SEED, SAMPLERS, RuntimeConfig, SampleConfig, build
+from diffusion.config import MAX_SEED, SAMPLERS, DataConfig, RuntimeConfig, SampleConfig, build, flag_name
+from diffusion.dataloader import load_images, to_unit_range
+from diffusion.diffusion_utils import q_sample, schedule_from_config
 from diffusion.errors import UserError
 from diffusion.generation import generate, interpolation_noise, load_guide, sample_labels
 from diffusion.recipe import choose_recipe
 from diffusion.uploads import REGIONS, decode_square_png, digit_to_model_range, mask_keep, region_keep
-from diffusion.visuals import grid_png
+from diffusion.visuals import grid_png, with_inpainting_input
 
 PAGE = Path(__file__).with_name("demo_page.html")
 MAX_BODY = 8_000_000
@@ -38,14 +43,20 @@ ROW = 8  # images in an interpolation row
 WAIT_FOR_TURN = 120  # seconds a run waits for the network before it is told the server is busy
 REQUEST_SETTINGS = {"sampler": "sampler", "steps": "sample_steps", "eta": "eta", "guidance": "guidance",
                     "resample": "resample"}
+PAGE_NAMES = {"sample_steps": "steps", "guidance": "guidance w", "eta": "eta", "resample": "resample",
+              "sampler": "sampler"}  # what the page calls a setting, in its messages
+FLAG_WORDS = {"--steps": "steps", "--guidance": "guidance w", "--eta": "eta", "--resample": "resample",
+              "--digit": "digit", "--unconditional": "digit 'any'"}  # the recipe's messages, in the page's words
 
 
 class Demo:
     """The loaded network; run() turns one request into a stream of frames, with the command line's recipe."""
 
-    def __init__(self, path: Path, asked: SampleConfig, runtime_cfg: RuntimeConfig):
+    def __init__(self, path: Path, asked: SampleConfig, runtime_cfg: RuntimeConfig, data: DataConfig | None = None):
         self.loaded = load_network(path)
         self.asked, self.runtime_cfg = asked, runtime_cfg
+        self.data, self.test_set = data or DataConfig(), None
+        self.schedule = schedule_from_config(self.loaded.config)
         self.guides: dict[Path, torch.nn.Module] = {}
         self.lock = threading.Lock()
 
@@ -67,7 +78,7 @@ class Demo:
                     "resample": r.resample, "text": str(r)}
         return {"checkpoint": self.loaded.path.name, "num_classes": self.model.num_classes, "samplers": list(SAMPLERS),
                 "seed": self.runtime_cfg.seed, "max_steps": self.model.timesteps, "regions": list(REGIONS),
-                "image_size": self.model.image_size, "recipes": recipes}
+                "image_size": self.model.image_size, "recipes": recipes, "timesteps": self.schedule.T}
 
     def recipe(self, request: dict, labelled: bool):
         """The request's settings, checked like flags, over the command line's, turned into a recipe."""
@@ -76,9 +87,12 @@ class Demo:
             value = request.get(key)
             if value not in (None, ""):
                 given[name] = number(value, key) if key != "sampler" else value
-        asked = build(SampleConfig, {**self.asked.to_dict(), **given}, "the request")
-        return choose_recipe(self.model, asked, task=request.get("task", "sample"), labelled=labelled,
-                             checkpoint=self.loaded.path, epoch=self.loaded.epoch)
+        asked = build(SampleConfig, {**self.asked.to_dict(), **given}, names=PAGE_NAMES)
+        try:
+            return choose_recipe(self.model, asked, task=request.get("task", "sample"), labelled=labelled,
+                                 checkpoint=self.loaded.path, epoch=self.loaded.epoch)
+        except UserError as err:
+            raise UserError(in_page_words(str(err))) from None
 
     def guide(self, recipe):
         if recipe.guide is None:
@@ -125,15 +139,66 @@ class Demo:
 
             def on_step(i, xt, x0):
                 frames[0] += 1
-                send({"frame": i + 1, "of": recipe.steps, "png": b64(grid_png(xt.clamp(-1, 1), nrow))})
+                send({"frame": i + 1, "of": recipe.steps, "png": b64(grid_png(xt.clamp(-1, 1), nrow)),
+                      "x0": b64(grid_png(x0.clamp(-1, 1), nrow))})
 
             x = generate(self.loaded.net, self.model, recipe, n, labels, runtime, seed=seed, weak=weak,
                          progress=False, callback=on_step, **editing)
         finally:
             self.lock.release()
-        send({"done": True, "png": b64(grid_png(x, nrow)), "frames": frames[0], "recipe": str(recipe),
+        grid = (grid_png(with_inpainting_input(editing["known"][0], editing["keep"], x, nrow), nrow + 1)
+                if task == "inpaint" else grid_png(x, nrow))
+        send({"done": True, "png": b64(grid), "frames": frames[0], "recipe": str(recipe),
+              "command": self.command(request, task, seed),
               "settings": {"sampler": recipe.sampler, "steps": recipe.steps, "eta": recipe.eta,
                            "guidance": recipe.guidance, "seed": seed}})
+
+    def command(self, request: dict, task: str, seed: int) -> str:
+        """The `python -m diffusion.sampling` line that draws the same images as this request."""
+        words = ["python", "-m", "diffusion.sampling", "--checkpoint", str(self.loaded.path)]
+        digit = request.get("digit")
+        if digit not in (None, "", "any"):
+            words += ["--digit", str(digit)]
+        if task == "interpolate":
+            end = request.get("end_seed")
+            words += ["--interpolate", *([str(end)] if end not in (None, "") else []), "--num-images", str(ROW)]
+        if task == "inpaint":
+            mask, index = request.get("mask") or "bottom", request.get("test_index")
+            digit_source = "your_digit.png" if index in (None, "") else str(integer(index, "test_index"))
+            words += ["--inpaint", digit_source, "--mask", mask if mask in REGIONS else "your_mask.png"]
+        words += ["--seed", str(seed)]
+        started = {f.name: getattr(self.asked, f.name) for f in dataclasses.fields(SampleConfig)
+                   if getattr(self.asked, f.name) != f.default}  # the demo's own flags
+        typed = {name: request[key] for key, name in REQUEST_SETTINGS.items() if request.get(key) not in (None, "")}
+        for name, value in {**started, **typed}.items():
+            flag = "--steps" if name == "sample_steps" else flag_name(name)
+            words += [flag, *(map(str, value) if isinstance(value, tuple) else [str(value)])]
+        return shlex.join(words)
+
+    def forward(self, request: dict) -> dict:
+        """x_t = q_sample(x_0, t, eps) for the page's digit, with what describes step t."""
+        t = integer(request.get("t"), "t")
+        if not 0 <= t < self.schedule.T:
+            raise UserError(f"t must be in 0..{self.schedule.T - 1}, got {t}")
+        seed = self.runtime_cfg.seed if request.get("seed") in (None, "") else seed_value(request["seed"], "seed")
+        x0, _ = digit_to_model_range(decode_square_png(data_url_bytes(request.get("image")), self.model.image_size,
+                                                       self.model.channels, "digit"))
+        eps = torch.randn((1, *x0.shape), generator=torch.Generator().manual_seed(seed))
+        xt = q_sample(x0[None], torch.tensor([t]), eps, self.schedule)
+        alpha_bar = self.schedule.alpha_bar[t].item()
+        return {"png": b64(grid_png(xt.clamp(-1, 1), nrow=1)), "t": t, "alpha_bar": alpha_bar,
+                "snr": alpha_bar / (1 - alpha_bar), "signal": alpha_bar ** 0.5, "noise": (1 - alpha_bar) ** 0.5,
+                "mean": xt.mean().item(), "std": xt.std().item()}
+
+    def test_digit(self, request: dict) -> dict:
+        """MNIST test digit number `index`, as a PNG for the page's drawing pad."""
+        if self.test_set is None:
+            self.test_set = load_images(self.data.replace(download=False, limit_train=0), train=False)
+        images, labels = self.test_set
+        index = integer(request.get("index"), "the test digit's number")
+        if not 0 <= index < len(images):
+            raise UserError(f"the test digit's number must be in 0..{len(images) - 1}, got {index}")
+        return {"png": b64(grid_png(to_unit_range(images[index:index + 1]), nrow=1)), "label": int(labels[index])}
 
     def upload(self, request: dict) -> dict:
         """An uploaded PNG as the 28 x 28 digit the model would see (light strokes on dark)."""
@@ -141,6 +206,11 @@ class Demo:
                                   "upload")
         known, inverted = digit_to_model_range(image)
         return {"png": b64(grid_png(known[None], nrow=1)), "inverted": inverted}  # one image: saved without padding
+
+
+def in_page_words(message: str) -> str:
+    """A recipe's message with the page's names for what the command line calls flags."""
+    return re.sub(r"--[a-z-]+\b(?!-)", lambda m: FLAG_WORDS.get(m.group(), m.group()), message)
 
 
 def number(value, name: str) -> float:
@@ -234,6 +304,10 @@ def make_handler(demo: Demo, hosts: set[str]):
             try:
                 if self.path == "/api/upload":
                     return self.reply_json(HTTPStatus.OK, demo.upload(request))
+                if self.path == "/api/forward":
+                    return self.reply_json(HTTPStatus.OK, demo.forward(request))
+                if self.path == "/api/test-digit":
+                    return self.reply_json(HTTPStatus.OK, demo.test_digit(request))
                 if self.path == "/api/run":
                     return self.stream(request)
                 self.reply_json(HTTPStatus.NOT_FOUND, {"error": "no such endpoint"})
@@ -296,7 +370,7 @@ def _no_constant(name: str):
 
 def parser():
     p = build_parser("demo", __doc__.splitlines()[0], SampleConfig, (RuntimeConfig, (
-        "device", "threads", "amp", "memory_format", "seed", "ckpt_dir")))
+        "device", "threads", "amp", "memory_format", "seed", "ckpt_dir")), (DataConfig, ("data_root",)))
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint file or exported folder (default: the latest in --ckpt-dir)")
     p.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: %(default)s; 0 = any free)")
@@ -309,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {args.port}")
     runtime_cfg = configs[RuntimeConfig]
-    demo = Demo(resolve_checkpoint(args.checkpoint, runtime_cfg.ckpt_dir), configs[SampleConfig], runtime_cfg)
+    demo = Demo(resolve_checkpoint(args.checkpoint, runtime_cfg.ckpt_dir), configs[SampleConfig], runtime_cfg,
+                configs[DataConfig])
     try:
         server = ThreadingHTTPServer(("127.0.0.1", args.port), None)
     except OSError as err:

@@ -8,26 +8,29 @@ import numpy as np
 
 from diffusion.checkpoint import load_network, resolve_checkpoint
 from diffusion.cli import add_generation_args, build_parser, parse, run_cli
-from diffusion.config import MAX_IMAGES, RuntimeConfig, SampleConfig
-from diffusion.dataloader import to_uint8
+from diffusion.config import MAX_IMAGES, DataConfig, RuntimeConfig, SampleConfig
+from diffusion.dataloader import load_images, to_uint8
 from diffusion.errors import UserError, writing
 from diffusion.generation import generate, interpolation_noise, prepare, sample_labels
 from diffusion.uploads import REGIONS, digit_to_model_range, mask_keep, read_png_file, region_keep
-from diffusion.visuals import Animation, save_grid
+from diffusion.visuals import Animation, save_grid, with_inpainting_input
 
 PAPER = {"sampler": "ddpm", "guide_checkpoint": "none"}  # with --unconditional: Ho et al. 2020's Algorithm 2
+OUTPUT_NAMES = {"sample": "generated_images.png", "inpaint": "inpainting.png", "interpolate": "interpolation.png"}
 
 
 def parser():
-    p = build_parser("sampling", "Generate images with a trained DDPM.", SampleConfig, RuntimeConfig)
+    p = build_parser("sampling", "Generate images with a trained DDPM.", SampleConfig, RuntimeConfig,
+                     (DataConfig, ("data_root",)))
     add_generation_args(p)
     p.add_argument("--paper", action="store_true", default=False,
                    help="the paper's DDPM exactly: Algorithm 2 over all T steps, no labels, no guidance "
                         "(Ho et al. 2020)")
     editing = p.add_argument_group("editing")
     editing.add_argument("--inpaint", default=None, metavar="IMAGE",
-                         help="complete this square PNG digit (light strokes on dark, or dark on light) --num-images "
-                              "ways; --digit guides the completion (default: no label)")
+                         help="complete this square PNG digit (light strokes on dark, or dark on light), or MNIST "
+                              "test digit number N, --num-images ways; --digit guides the completion (default: no "
+                              "label)")
     editing.add_argument("--mask", default=None, metavar="MASK",
                          help=f"with --inpaint: what to generate, a PNG of the same side (white = generate) or one of "
                               f"{', '.join(REGIONS)} (default: bottom)")
@@ -36,7 +39,8 @@ def parser():
                               "--seed's to END_SEED's (default --seed + 1); deterministic sampler; --digit to guide "
                               "(default no label)")
     output = p.add_argument_group("output")
-    output.add_argument("--output", default=None, help="PNG grid to write (default: OUT_DIR/generated_images.png)")
+    output.add_argument("--output", default=None, help="PNG grid to write (default: OUT_DIR/generated_images.png; "
+                                                       "inpainting.png and interpolation.png for those tasks)")
     output.add_argument("--npy", default=None, help="also save the samples as uint8 N x H x W (x C) to this .npy file")
     output.add_argument("--gif", default=None, help="also write an animation of the reverse process to this GIF")
     output.add_argument("--gif-x0", action="store_true", default=False, help="show the predicted x0 beside x_t in the GIF")
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--paper fixes the sampler and the guidance; drop --{clash[0].replace('_', '-')}")
         asked = asked.replace(**PAPER)
         args.unconditional = True
-    output = Path(args.output or Path(runtime_cfg.out_dir) / "generated_images.png")
+    output = Path(args.output or Path(runtime_cfg.out_dir) / OUTPUT_NAMES[task])
     check_writable(output, args.npy, args.gif)
     loaded = load_network(resolve_checkpoint(args.checkpoint, runtime_cfg.ckpt_dir), use_ema=not args.no_ema)
     model, editing = loaded.config, {}
@@ -69,13 +73,16 @@ def main(argv: list[str] | None = None) -> None:
         end = None if args.interpolate is True else args.interpolate  # bare --interpolate: seed + 1
         editing = {"x_T": interpolation_noise(model, n, runtime_cfg.seed, end)}
     elif task == "inpaint":
-        editing = inpaint_inputs(args, model, n)
+        editing = inpaint_inputs(args, model, n, configs[DataConfig])
     nrow = args.num_images if args.all_digits or task == "interpolate" else max(1, int(round(n ** 0.5)))
     animation = Animation(recipe.steps, nrow, args.gif_x0) if args.gif else None
     x = generate(loaded.net, model, recipe, n, labels, runtime, seed=runtime_cfg.seed, weak=weak, callback=animation,
                  **editing)
     with writing(output):
-        save_grid(x, output, nrow=nrow)
+        if task == "inpaint":
+            save_grid(with_inpainting_input(editing["known"][0], editing["keep"], x, nrow), output, nrow=nrow + 1)
+        else:
+            save_grid(x, output, nrow=nrow)
     print(f"wrote {n} images from {loaded.path} ({recipe}) to {output}")
     if args.npy:
         pixels = to_uint8(x).cpu()
@@ -105,9 +112,17 @@ def check_task(args) -> str:
     return "inpaint" if args.inpaint else "interpolate" if interpolate else "sample"
 
 
-def inpaint_inputs(args, model, n: int) -> dict:
-    """generate()'s known image and kept pixels for --inpaint IMAGE --mask MASK."""
-    image, inverted = digit_to_model_range(read_png_file(args.inpaint, model.image_size, model.channels, "image"))
+def inpaint_inputs(args, model, n: int, data: DataConfig) -> dict:
+    """generate()'s known image and kept pixels for --inpaint IMAGE (or a test digit's number) --mask MASK."""
+    if args.inpaint.isdigit():
+        images, labels = load_images(data.replace(download=False, limit_train=0), train=False)
+        index = int(args.inpaint)
+        if index >= len(images):
+            raise UserError(f"--inpaint {index}: the test set has digits 0..{len(images) - 1}")
+        image, inverted = digit_to_model_range(images[index])
+        print(f"inpainting test digit {index} (a {int(labels[index])})")
+    else:
+        image, inverted = digit_to_model_range(read_png_file(args.inpaint, model.image_size, model.channels, "image"))
     if inverted:
         print(f"{args.inpaint} has a light background: inverted to light strokes on dark, as the model was trained")
     mask = args.mask or "bottom"

@@ -27,6 +27,13 @@ def grid_png(x: torch.Tensor, nrow: int = 4) -> bytes:
     return buffer.getvalue()
 
 
+def with_inpainting_input(known: torch.Tensor, keep: torch.Tensor, x: torch.Tensor, nrow: int) -> torch.Tensor:
+    """x's images in rows of nrow, each row led by the input with the part that was generated shown grey: the
+    grid says what was kept. Write it with nrow + 1 images a row."""
+    shown = torch.where(keep[0].to(known.device), known, torch.zeros_like(known)).to(x.device, x.dtype)
+    return torch.cat([torch.cat([shown[None], x[i:i + nrow]]) for i in range(0, len(x), nrow)])
+
+
 def save_loss_curve(history: list[dict], curve: list[list[float]], path: Path) -> None:
     """Training loss against step (rank 0's batch loss at each progress update) and each epoch's mean."""
     import matplotlib

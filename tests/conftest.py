@@ -137,6 +137,12 @@ def grid_cells(grid: torch.Tensor, n: int, nrow: int, side: int = 28) -> list[to
                  2 + (side + 2) * (i % nrow): 2 + (side + 2) * (i % nrow) + side] for i in range(n)]
 
 
+def inpainting_cells(grid: torch.Tensor, n: int, nrow: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the input shown at the start of each row, the n completions) of an inpainting grid PNG."""
+    cells = grid_cells(grid, n + -(-n // nrow), nrow + 1)
+    return cells[0], [c for i, c in enumerate(cells) if i % (nrow + 1)]
+
+
 def parse_args(argv: list[str]):
     """The RunConfig that `python -m diffusion.main ARGV` trains with."""
     from diffusion.main import parse_run

@@ -18,16 +18,19 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, digit_png, grid_cells, png_pixels, run_cli
+from diffusion.config import DataConfig
+from diffusion.dataloader import load_images
+
+from tests.conftest import ROOT, digit_png, inpainting_cells, png_pixels, run_cli
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is on this machine
 SAME_PRECISION = ["--amp", "none", "--memory-format", "contiguous"]  # page and command on the same kernels
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
+def server(tiny_checkpoint, data_root):
     proc = subprocess.Popen([sys.executable, "-m", "diffusion.demo", "--checkpoint", str(tiny_checkpoint), "--port", "0",
-                             *SAME_PRECISION], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--data-root", str(data_root), *SAME_PRECISION], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert " at http://127.0.0.1:" in line, line + proc.stderr.read()
     yield line.split(" at ")[1].split()[0].rstrip("/")
@@ -163,8 +166,7 @@ def test_inpainting_on_the_page_keeps_the_uploaded_pixels(browser, server, tmp_p
     browser.find_element("id", "upload").send_keys(str(path))
     wait.until(lambda b: path.name in b.find_element("id", "upload-message").text)
     set_value(browser, "mask", "bottom")
-    grid = png_pixels(run_and_wait(browser, wait))
-    cells = grid_cells(grid, 16, 4)
+    _, cells = inpainting_cells(png_pixels(run_and_wait(browser, wait)), 16, 4)
     assert all(torch.equal(cell[:14], image[:14]) for cell in cells), "the kept top half comes back unchanged"
     assert len({cell[14:].numpy().tobytes() for cell in cells}) > 1, "the bottom halves are generated, not copied"
 
@@ -189,6 +191,8 @@ def test_a_drawn_digit_with_marked_pixels_comes_back_with_the_rest_unchanged(bro
     browser.find_element("css selector", "button[data-task=inpaint]").click()
     pad = browser.find_element("id", "pad-box")
     browser.find_element("id", "clear").click()
+    assert browser.find_element("id", "mask").get_attribute("value") == "bottom"
+    set_value(browser, "mask", "painted")  # only what is marked below
     ActionChains(browser).move_to_element_with_offset(pad, -40, -80).click_and_hold().move_by_offset(60, 20) \
         .move_by_offset(0, 140).release().perform()  # a 7-like stroke
     browser.find_element("id", "tool-erase").click()
@@ -202,9 +206,82 @@ def test_a_drawn_digit_with_marked_pixels_comes_back_with_the_rest_unchanged(bro
     image = torch.tensor(drawn[0], dtype=torch.uint8).view(28, 28)
     keep = torch.tensor(drawn[1]).view(28, 28).logical_not()
     assert image.max() == 255 and 0.5 < keep.float().mean() < 0.95, "a stroke was drawn and a band marked"
-    cells = grid_cells(png_pixels(run_and_wait(browser, wait)), 16, 4)
+    _, cells = inpainting_cells(png_pixels(run_and_wait(browser, wait)), 16, 4)
     assert all(torch.equal(cell[keep], image[keep]) for cell in cells)
     assert any(not torch.equal(cell[~keep], image[~keep]) for cell in cells), "the marked band is generated"
+
+
+def test_the_noise_tab_shows_q_sample_from_the_digit_to_noise(browser, server, data_root):
+    """t = 0 is the test digit itself; at T - 1 the image has the statistics of N(0, I); the numbers are step t's."""
+    from diffusion.diffusion_utils import make_schedule
+
+    wait = open_page(browser, server)
+    browser.find_element("css selector", "button[data-task=forward]").click()
+    set_value(browser, "test-index", "7")
+    browser.find_element("id", "load-test").click()
+    wait.until(lambda b: "test digit 7" in b.find_element("id", "upload-message").text)
+    images, _ = load_images(DataConfig(data_root=str(data_root)), train=False)
+    schedule = make_schedule("linear", 50)  # the tiny checkpoint's T
+    for t in (0, 25, 49):
+        browser.execute_script(f"const s = document.getElementById('t'); s.value = {t}; s.oninput();")
+        wait.until(lambda b: b.find_element("id", "forward-image").get_attribute("data-t") == str(t))
+        stats = json.loads(browser.find_element("id", "forward-image").get_attribute("data-stats"))
+        pixels = png_pixels(browser.find_element("id", "forward-image").get_attribute("src")).float()
+        assert stats["alpha_bar"] == pytest.approx(schedule.alpha_bar[t].item(), rel=1e-5)
+        assert f"t = {t}" in browser.find_element("id", "forward-numbers").text
+        if t == 0:
+            noise = 127.5 * (1 - stats["alpha_bar"]) ** 0.5  # beta_1's faint noise, in pixel values
+            assert (pixels - images[7, 0].float()).abs().mean() < 2 * noise, "at t = 0 the page shows the digit"
+        if t == 49:
+            assert abs(stats["mean"]) < 0.15 and abs(stats["std"] - 1) < 0.1, stats
+            assert 0.25 < ((pixels == 0) | (pixels == 255)).float().mean() < 0.4, "N(0, 1) clipped at +-1 is 32%"
+
+
+def test_the_sample_tab_shows_x0_and_the_page_says_which_command_draws_it(browser, server, tmp_path):
+    import shlex
+
+    wait = open_page(browser, server)
+    assert not browser.find_element("id", "result").is_displayed(), "no broken image before the first run"
+    assert "No images yet" in browser.find_element("id", "result-empty").text
+    set_value(browser, "digit", "4")
+    set_value(browser, "seed", "9")
+    result = run_and_wait(browser, wait)
+    x0_frames = browser.execute_script("return window.demoX0Frames")
+    assert len(x0_frames) == len(browser.execute_script("return window.demoFrames")) >= 5
+    assert len(set(x0_frames)) >= 3, "the guess of the clean digits changes as the sampler goes"
+    assert browser.find_element("id", "save").get_attribute("href") == result
+    words = shlex.split(browser.find_element("id", "command").text)
+    assert words[:3] == ["python", "-m", "diffusion.sampling"]
+    out = tmp_path / "same.png"
+    res = run_cli(*words[2:], "--output", str(out), *SAME_PRECISION)
+    assert res.returncode == 0, res.stderr
+    assert torch.equal(png_pixels(result), png_pixels(out)), "the command the page shows draws its images"
+
+
+def test_every_state_of_the_page_is_recoverable(browser, server):
+    wait = open_page(browser, server)
+    set_value(browser, "steps", "3")
+    run_and_wait(browser, wait)
+    set_value(browser, "guidance", "-1")
+    browser.find_element("id", "run").click()
+    wait.until(lambda b: b.find_element("id", "error").text)
+    error = browser.find_element("id", "error").text
+    assert "guidance w must be" in error and "--" not in error, "the page's own words, not command-line flags"
+    assert browser.find_element("id", "status").text == "ready"
+    assert not browser.find_element("id", "result").is_displayed(), "no stale images beside the error"
+    set_value(browser, "guidance", "")
+    set_value(browser, "steps", "5000")
+    browser.find_element("id", "run").click()
+    wait.until(lambda b: "steps" in b.find_element("id", "error").text)
+    assert browser.find_element("id", "status").text == "ready"
+    set_value(browser, "steps", "3")
+    assert run_and_wait(browser, wait)
+    browser.find_element("css selector", "button[data-task=interpolate]").click()
+    assert not browser.find_element("id", "result").is_displayed(), "the sample grid is not squeezed into a row"
+    browser.find_element("css selector", "button[data-task=inpaint]").click()
+    set_value(browser, "mask", "top")
+    browser.find_element("id", "clear").click()
+    assert browser.find_element("id", "mask").get_attribute("value") == "bottom", "clear goes back to a half, not nothing"
 
 
 def raw_request(server: str, method: str, path: str, headers: dict, body: bytes = b"") -> tuple[int, bytes]:
@@ -239,10 +316,10 @@ def test_the_server_answers_only_its_own_page(server, headers, status):
 
 
 @pytest.mark.parametrize("request_body,needle", [
-    ({"task": "sample", "resample": "1000000000"}, "--resample in the request must be"),
+    ({"task": "sample", "resample": "1000000000"}, "resample must be"),
     ({"task": "sample", "seed": 2**64}, "seed must be in"), ({"task": "sample", "guidance": "nan"}, "finite"),
     ({"task": "sample", "digit": "abc"}, "digit must be a number"), ({"task": "sample", "digit": [1]}, "digit must be"),
-    ({"task": "sample", "steps": "1e999"}, "--sample-steps"), ({"task": "interpolate", "eta": "1"}, "deterministic"),
+    ({"task": "sample", "steps": "1e999"}, "steps must be"), ({"task": "interpolate", "eta": "1"}, "deterministic"),
 ])
 def test_bad_or_unbounded_requests_get_a_400_with_one_line(server, request_body, needle):
     status, reply = post(server + "/api/run", request_body)

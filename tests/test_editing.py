@@ -9,7 +9,7 @@ from diffusion.diffusion_utils import make_schedule
 from diffusion.editing import inpaint, slerp
 from diffusion.model import UNet
 from diffusion.samplers import logsnr_timesteps, sample_ddim
-from tests.conftest import digit_png, grid_cells, png_pixels, run_cli, run_inprocess
+from tests.conftest import digit_png, grid_cells, inpainting_cells, png_pixels, run_cli, run_inprocess
 
 S = make_schedule("linear", 100)
 
@@ -94,9 +94,10 @@ def test_inpaint_command_keeps_the_top_half_and_generates_the_bottom(tiny_checkp
     res = run_cli("diffusion.sampling", "--checkpoint", str(tiny_checkpoint), "--inpaint", str(path), "--mask",
                   "bottom", "--num-images", "4", "--output", str(out))
     assert res.returncode == 0, res.stderr
-    cells = grid_cells(png_pixels(out), 4, 2)
+    shown, cells = inpainting_cells(png_pixels(out), 4, 2)
     assert all(torch.equal(cell[:14], image[:14]) for cell in cells)
     assert len({cell[14:].numpy().tobytes() for cell in cells}) == 4
+    assert torch.equal(shown[:14], image[:14]) and (shown[14:] == 128).all(), "each row starts with what was kept"
 
 
 def test_inpaint_command_reads_a_mask_png_and_inverts_dark_on_light(tiny_checkpoint, tmp_path):
@@ -110,7 +111,7 @@ def test_inpaint_command_reads_a_mask_png_and_inverts_dark_on_light(tiny_checkpo
                   "--mask", str(tmp_path / "mask.png"), "--num-images", "1", "--digit", "4", "--output", str(out))
     assert res.returncode == 0, res.stderr
     assert "inverted" in res.stdout
-    cell = png_pixels(out)
+    _, (cell,) = inpainting_cells(png_pixels(out), 1, 1)
     assert torch.equal(cell[:, :14], image[:, :14])
 
 
