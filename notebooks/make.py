@@ -145,9 +145,9 @@ first loads a trained network, or trains a small one with the same command you w
 folder = Path(os.environ.get("WALKTHROUGH_SMALL", ROOT / "notebooks" / "small-model"))  # point these elsewhere)
 checkpoint = find_latest(trained) or find_latest(folder)
 if checkpoint is None:
-    command = [sys.executable, "-m", "diffusion.main", "--base-channels", "16", "--epochs", "2",
-               "--limit-train", os.environ.get("WALKTHROUGH_LIMIT_TRAIN", "20000"), "--sample-every", "0",
-               "--data-root", DATA.data_root, "--ckpt-dir", str(folder), "--out-dir", str(folder / "out")]
+    command = [sys.executable, "-m", "diffusion.main", "--base-channels", "16", "--epochs", "2", "--limit-train",
+               "20000", "--sample-every", "0", "--data-root", DATA.data_root, "--ckpt-dir", str(folder),
+               "--out-dir", str(folder / "out"), *os.environ.get("WALKTHROUGH_TRAIN_FLAGS", "").split()]
     print("No trained checkpoint in diffusion/checkpoints: training a small model for a minute or two with\\n  "
           + " ".join(command[1:]) + "\\n(python -m diffusion.main trains the real one.)")
     run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -177,20 +177,20 @@ show(torch.cat([x0, xt, eps_hat.clamp(-1, 1)]), nrow=8, title="x_0,   x_t,   the
 
 Sampling starts from pure noise x_T and takes T small steps back. At each step the network's ε̂ gives a guess
 of the clean digit, x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t (`predict_x0`), and the step moves x_t towards it with the
-posterior q(x_{t−1} | x_t, x̂_0). The top row is x_t, the bottom row x̂_0, at steps 999, 800, 600, 400, 200,
-100, 50 and 0: the guess is a blurry average early on and sharpens as the noise goes.""",
+posterior q(x_{t−1} | x_t, x̂_0). For each digit, the top row is x_t and the bottom row x̂_0, at eight steps from
+t = T − 1 down to 0: the guess is a blurry average early on and sharpens as the noise goes.""",
      """## 4. 역방향 과정 (알고리즘 2, `diffusion/samplers.py`: `sample_ddpm`)
 
 샘플링은 순수한 노이즈 x_T에서 시작해 T번의 작은 단계로 되돌아갑니다. 단계마다 네트워크의 ε̂로 깨끗한 숫자를
 추측하고, x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t (`predict_x0`), 사후분포 q(x_{t−1} | x_t, x̂_0)로 x_t를 그쪽으로
-옮깁니다. 윗줄은 x_t, 아랫줄은 x̂_0이고, 단계 999, 800, 600, 400, 200, 100, 50, 0에서 찍었습니다. 처음에는
+옮깁니다. 숫자마다 윗줄은 x_t, 아랫줄은 x̂_0이고, t = T − 1에서 0까지 여덟 단계에서 찍었습니다. 처음에는
 추측이 흐릿한 평균이지만, 노이즈가 걷힐수록 또렷해집니다.""",
      """from diffusion.samplers import SAMPLERS, guided, sampler_timesteps
 
 digits = torch.tensor([0, 3, 7, 9])
 model = guided(net, digits, 1.0, null_label=config.num_classes)  # w = 1: the conditional model, no guidance
 noise = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-shown = {999, 800, 600, 400, 200, 100, 50, 0}
+shown = {round(f * (s.T - 1)) for f in (1, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0)}
 frames = {}
 
 

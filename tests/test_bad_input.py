@@ -48,7 +48,7 @@ def test_nonsense_config_on_command_line(flags, needle, capsys):
 
 
 def test_nonsense_config_in_a_real_process():
-    assert_clean_error(run_cli("diffusion.main", "--epochs", "-1"), "--epochs must be >= 1")
+    assert_clean_error(run_cli("diffusion.main", "--epochs", "-1", process=True), "--epochs must be >= 1")
 
 
 def test_unknown_flag_is_usage_error():
@@ -105,7 +105,7 @@ def test_bad_checkpoint_files(ckpt, tmp_path, kind, needle, capsys):
     args = ("--checkpoint", str(path), "--output", str(tmp_path / "o.png"))
     assert_clean_error(run_inprocess(capsys, "diffusion.sampling", *args), needle)
     if kind == "truncated":  # and once through a real process
-        assert_clean_error(run_cli("diffusion.sampling", *args), needle)
+        assert_clean_error(run_cli("diffusion.sampling", *args, process=True), needle)
 
 
 @pytest.mark.parametrize("flags,needle", [

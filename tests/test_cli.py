@@ -105,9 +105,9 @@ def test_help_gives_every_flag_a_sentence_and_the_real_default():
 
 
 @pytest.mark.parametrize("module,takes", [
-    ("diffusion.sampling", {"SampleConfig", "RuntimeConfig"}),
+    ("diffusion.sampling", {"SampleConfig", "RuntimeConfig", "data_root"}),  # --inpaint N: a test digit
     ("diffusion.evaluate", {"SampleConfig", "RuntimeConfig", "data_root", "download"}),
-    ("diffusion.demo", {"SampleConfig", "device", "threads", "amp", "memory_format", "seed", "ckpt_dir"}),
+    ("diffusion.demo", {"SampleConfig", "device", "threads", "amp", "memory_format", "seed", "ckpt_dir", "data_root"}),
     ("diffusion.export", {"ckpt_dir"}),
     ("diffusion.classifier", {"data_root", "download", "limit_train", "epochs"}),  # its own --epochs
 ])

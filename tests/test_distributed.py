@@ -61,7 +61,7 @@ def test_loss_matches_single_process_with_same_global_batch(two_ranks, tmp_path)
     work, argv = two_ranks
     single = tmp_path / "single"
     argv = [a.replace(str(work), str(single)) for a in argv]
-    res = run_cli("diffusion.main", *argv)
+    res = run_cli("diffusion.main", *argv, process=True)
     assert res.returncode == 0, res.stderr
     ddp = torch.load(work / "rank0.pt", weights_only=True)["history"]
     ref = load_checkpoint(single / "ck" / "epoch_002.pth")["history"]
@@ -91,7 +91,7 @@ def test_cuda_bf16_training_step(data_root, tmp_path):
 def test_cuda_path_flags_on_cpu_compile_and_bf16(data_root, tmp_path):
     """--compile and --amp bf16 run on any device; the checkpoint holds the plain module's weights."""
     res = run_cli("diffusion.main", *TINY, "--epochs", "1", "--device", "cpu", "--compile", "--amp", "bf16",
-                  "--sample-every", "0", "--data-root", str(data_root), "--ckpt-dir", str(tmp_path))
+                  "--sample-every", "0", "--data-root", str(data_root), "--ckpt-dir", str(tmp_path), process=True)
     assert res.returncode == 0, res.stderr[-2000:]
     state = load_checkpoint(tmp_path / "epoch_001.pth")
     assert all(math.isfinite(r["loss"]) for r in state["history"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusion.checkpoint import load_checkpoint, load_network
-from tests.conftest import ROOT, digit_png, png_pixels, run_inprocess
+from tests.conftest import ROOT, digit_png, grid_cells, inpainting_cells, png_pixels, run_inprocess
 
 FORMAT_2 = "5ed95f0"  # the last commit that wrote format 2
 SAME = ["--amp", "none", "--memory-format", "contiguous", "--num-images", "4"]
@@ -68,4 +68,8 @@ def test_a_format_2_checkpoint_draws_the_images_the_old_code_drew(old_run, tmp_p
     res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(ckpt), *SAME, *flags(task, ckpt, digit),
                         "--output", str(out))
     assert res.returncode == 0, res.stderr
-    assert torch.equal(png_pixels(out), png_pixels(work / f"{task}.png"))
+    if task == "inpaint":  # this version leads each row with what was kept; the completions are the same
+        _, new = inpainting_cells(png_pixels(out), 4, 2)
+        assert all(map(torch.equal, new, grid_cells(png_pixels(work / "inpaint.png"), 4, 2)))
+    else:
+        assert torch.equal(png_pixels(out), png_pixels(work / f"{task}.png"))

@@ -132,9 +132,9 @@ os.replace = _replace
 """
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3])
 def test_sigkill_during_checkpoint_write_loses_nothing(data_root, tmp_path, n):
-    """Replace #1 writes epoch 1, #2 its `latest` pointer, #3 epoch 2, #4 its pointer."""
+    """Replace #1 writes epoch 1, #2 its `latest` pointer, #3 epoch 2 (#4, its pointer, is the case of #2 again)."""
     proc = start_training(data_root, tmp_path, "--epochs", "3", prelude=KILL_AT_REPLACE.format(n=n))
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL

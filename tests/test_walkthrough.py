@@ -29,10 +29,12 @@ def test_both_languages_run_the_same_code_and_the_files_are_current():
 
 @pytest.fixture(scope="module")
 def environment(data_root, tmp_path_factory):
-    """No trained checkpoint, so the first notebook trains its small model (on a few digits, to stay quick)."""
+    """No trained checkpoint, so the first notebook trains its small model (on a few digits and T = 100, to stay
+    quick: its flags come last and win)."""
     work = tmp_path_factory.mktemp("walkthrough")
     return {"DIFFUSION_DATA_ROOT": str(data_root), "WALKTHROUGH_TRAINED": str(work / "none"),
-            "WALKTHROUGH_SMALL": str(work / "small"), "WALKTHROUGH_LIMIT_TRAIN": "512"}
+            "WALKTHROUGH_SMALL": str(work / "small"),
+            "WALKTHROUGH_TRAIN_FLAGS": "--limit-train 256 --batch-size 64 --timesteps 100"}
 
 
 @pytest.mark.parametrize("language", ["en", "ko"])  # ko finds the small model that en trained
