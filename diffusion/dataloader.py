@@ -47,6 +47,14 @@ def _check_labels(images: torch.Tensor, labels: torch.Tensor, folder: Path, trai
         raise UserError(f"{name} holds a label outside 0..9 ({int(labels.max())}); replace it with the original file")
 
 
+def test_digit(data, index: int) -> tuple[torch.Tensor, int]:
+    """MNIST test image number `index` (uint8 (C, H, W)) and its label, from the files on disk (no download)."""
+    images, labels = load_images(data.replace(download=False, limit_train=0), train=False)
+    if not 0 <= index < len(images):
+        raise UserError(f"there is no test digit {index}: the test set has digits 0..{len(images) - 1}")
+    return images[index], int(labels[index])
+
+
 def dataset_shape(images: torch.Tensor, labels: torch.Tensor) -> dict:
     """The Config fields a dataset decides: channels, image size and number of classes."""
     return {"channels": images.shape[1], "image_size": images.shape[-1], "num_classes": int(labels.max()) + 1}

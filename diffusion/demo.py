@@ -28,7 +28,7 @@ from diffusion.autotune import setup_runtime
 from diffusion.checkpoint import load_network, resolve_checkpoint
 from diffusion.cli import build_parser, parse, run_cli
 from diffusion.config import MAX_SEED, SAMPLERS, DataConfig, RuntimeConfig, SampleConfig, build, flag_name
-from diffusion.dataloader import load_images, to_unit_range
+from diffusion.dataloader import test_digit, to_unit_range
 from diffusion.diffusion_utils import q_sample, schedule_from_config
 from diffusion.errors import UserError
 from diffusion.generation import generate, interpolation_noise, load_guide, sample_labels
@@ -55,7 +55,7 @@ class Demo:
     def __init__(self, path: Path, asked: SampleConfig, runtime_cfg: RuntimeConfig, data: DataConfig | None = None):
         self.loaded = load_network(path)
         self.asked, self.runtime_cfg = asked, runtime_cfg
-        self.data, self.test_set = data or DataConfig(), None
+        self.data = data or DataConfig()
         self.schedule = schedule_from_config(self.loaded.config)
         self.guides: dict[Path, torch.nn.Module] = {}
         self.lock = threading.Lock()
@@ -78,7 +78,7 @@ class Demo:
                     "resample": r.resample, "text": str(r)}
         return {"checkpoint": self.loaded.path.name, "num_classes": self.model.num_classes, "samplers": list(SAMPLERS),
                 "seed": self.runtime_cfg.seed, "max_steps": self.model.timesteps, "regions": list(REGIONS),
-                "image_size": self.model.image_size, "recipes": recipes, "timesteps": self.schedule.T}
+                "image_size": self.model.image_size, "recipes": recipes}
 
     def recipe(self, request: dict, labelled: bool):
         """The request's settings, checked like flags, over the command line's, turned into a recipe."""
@@ -167,11 +167,12 @@ class Demo:
             digit_source = "your_digit.png" if index in (None, "") else str(integer(index, "test_index"))
             words += ["--inpaint", digit_source, "--mask", mask if mask in REGIONS else "your_mask.png"]
         words += ["--seed", str(seed)]
-        started = {f.name: getattr(self.asked, f.name) for f in dataclasses.fields(SampleConfig)
-                   if getattr(self.asked, f.name) != f.default}  # the demo's own flags
+        fields = {f.name: f for f in dataclasses.fields(SampleConfig)}
+        started = {name: getattr(self.asked, name) for name, f in fields.items()
+                   if getattr(self.asked, name) != f.default}  # the demo's own flags
         typed = {name: request[key] for key, name in REQUEST_SETTINGS.items() if request.get(key) not in (None, "")}
         for name, value in {**started, **typed}.items():
-            flag = "--steps" if name == "sample_steps" else flag_name(name)
+            flag = fields[name].metadata["alias"] or flag_name(name)  # the shorter spelling, as the help shows
             words += [flag, *(map(str, value) if isinstance(value, tuple) else [str(value)])]
         return shlex.join(words)
 
@@ -192,13 +193,8 @@ class Demo:
 
     def test_digit(self, request: dict) -> dict:
         """MNIST test digit number `index`, as a PNG for the page's drawing pad."""
-        if self.test_set is None:
-            self.test_set = load_images(self.data.replace(download=False, limit_train=0), train=False)
-        images, labels = self.test_set
-        index = integer(request.get("index"), "the test digit's number")
-        if not 0 <= index < len(images):
-            raise UserError(f"the test digit's number must be in 0..{len(images) - 1}, got {index}")
-        return {"png": b64(grid_png(to_unit_range(images[index:index + 1]), nrow=1)), "label": int(labels[index])}
+        image, label = test_digit(self.data, integer(request.get("index"), "the test digit's number"))
+        return {"png": b64(grid_png(to_unit_range(image[None]), nrow=1)), "label": label}
 
     def upload(self, request: dict) -> dict:
         """An uploaded PNG as the 28 x 28 digit the model would see (light strokes on dark)."""

@@ -55,21 +55,24 @@ def prior_nats(x0: torch.Tensor, s: Schedule) -> torch.Tensor:
     return kl.flatten(1).sum(1)
 
 
-def decoder_variance(s: Schedule, t: torch.Tensor) -> torch.Tensor:
-    """The model's variance at index t: beta~_t, with beta~ of index 1 at index 0 (where beta~ is 0)."""
-    return torch.where(t == 0, s.posterior_var[1], s.posterior_var[t])
+def model_step(xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of p(x_{t-1} | x_t): q_posterior around the predicted x0, variance beta~_t, with beta~ of
+    index 1 at index 0 (where beta~ is 0)."""
+    mean, _ = q_posterior(predict_x0(xt, t, eps, s), xt, t, s)
+    var = torch.where(t == 0, s.posterior_var[1], s.posterior_var[t]).to(xt.dtype)
+    return mean, var.view(-1, *([1] * (xt.dim() - 1))).expand_as(xt)
 
 
-def step_nats(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
-    """Per image: L_{t-1} (a KL) at indices t > 0, L_0 (the decoder's -log-likelihood) at index 0."""
-    x0_hat = predict_x0(xt, t, eps, s)
-    mean, _ = q_posterior(x0_hat, xt, t, s)
-    var = decoder_variance(s, t).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+def kl_nats(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
+    """L_{t-1} per image at indices t > 0: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))."""
     true_mean, true_var = q_posterior(x0, xt, t, s)
-    kl = normal_kl(true_mean, true_var.clamp(min=1e-30).expand_as(x0), mean, var.expand_as(x0))
-    decoder = -discretized_gaussian_log_likelihood(x0, mean, var.sqrt())
-    first = (t == 0).view(-1, *([1] * (x0.dim() - 1)))
-    return torch.where(first, decoder, kl).flatten(1).sum(1)
+    return normal_kl(true_mean, true_var.expand_as(x0), *model_step(xt, t, eps, s)).flatten(1).sum(1)
+
+
+def decoder_nats(x0: torch.Tensor, x1: torch.Tensor, eps: torch.Tensor, s: Schedule) -> torch.Tensor:
+    """L_0 per image: -log p(x_0 | x_1), the Gaussian of the last step integrated over each pixel value's bin."""
+    mean, var = model_step(x1, torch.zeros(len(x0), dtype=torch.long), eps, s)
+    return -discretized_gaussian_log_likelihood(x0, mean, var.sqrt()).flatten(1).sum(1)
 
 
 def strata(T: int, k: int) -> list[tuple[int, int]]:
@@ -90,18 +93,20 @@ def bits_per_dim(model, x0: torch.Tensor, s: Schedule, k: int, *, labels: torch.
     ranges = strata(s.T, k)
     bar = tqdm(total=len(ranges) + 1, unit="step", desc="bits/dim", disable=not progress)
 
-    def nats_at(t: torch.Tensor) -> torch.Tensor:
-        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-        xt = q_sample(x0, t, eps, s)
-        chunks = [(xt[i:i + batch].float().to(device), t[i:i + batch].to(device)) for i in range(0, len(x0), batch)]
-        if labels is not None:
-            chunks = [(*c, labels[i:i + batch].to(device)) for c, i in zip(chunks, range(0, len(x0), batch))]
-        eps_hat = torch.cat([model(*c).double().cpu() for c in chunks])
+    def draw(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t of each digit at its step t, and the network's eps for it."""
+        xt = q_sample(x0, t, torch.randn(x0.shape, generator=generator, dtype=torch.float64), s)
+        eps = []
+        for i in range(0, len(x0), batch):
+            given = () if labels is None else (labels[i:i + batch].to(device),)
+            eps.append(model(xt[i:i + batch].float().to(device), t[i:i + batch].to(device), *given).double().cpu())
         bar.update()
-        return step_nats(x0, xt, t, eps_hat, s)
+        return xt, torch.cat(eps)
 
-    total = prior_nats(x0, s) + nats_at(torch.zeros(len(x0), dtype=torch.long))
+    total = prior_nats(x0, s) + decoder_nats(x0, *draw(torch.zeros(len(x0), dtype=torch.long)), s)
     for lo, hi in ranges:
-        total += (hi - lo) * nats_at(torch.randint(lo, hi, (len(x0),), generator=generator))
+        t = torch.randint(lo, hi, (len(x0),), generator=generator)
+        xt, eps = draw(t)
+        total += (hi - lo) * kl_nats(x0, xt, t, eps, s)
     bar.close()
     return total / (x0[0].numel() * math.log(2))

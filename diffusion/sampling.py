@@ -9,7 +9,7 @@ import numpy as np
 from diffusion.checkpoint import load_network, resolve_checkpoint
 from diffusion.cli import add_generation_args, build_parser, parse, run_cli
 from diffusion.config import MAX_IMAGES, DataConfig, RuntimeConfig, SampleConfig
-from diffusion.dataloader import load_images, to_uint8
+from diffusion.dataloader import test_digit, to_uint8
 from diffusion.errors import UserError, writing
 from diffusion.generation import generate, interpolation_noise, prepare, sample_labels
 from diffusion.uploads import REGIONS, digit_to_model_range, mask_keep, read_png_file, region_keep
@@ -115,12 +115,9 @@ def check_task(args) -> str:
 def inpaint_inputs(args, model, n: int, data: DataConfig) -> dict:
     """generate()'s known image and kept pixels for --inpaint IMAGE (or a test digit's number) --mask MASK."""
     if args.inpaint.isdigit():
-        images, labels = load_images(data.replace(download=False, limit_train=0), train=False)
-        index = int(args.inpaint)
-        if index >= len(images):
-            raise UserError(f"--inpaint {index}: the test set has digits 0..{len(images) - 1}")
-        image, inverted = digit_to_model_range(images[index])
-        print(f"inpainting test digit {index} (a {int(labels[index])})")
+        image, label = test_digit(data, int(args.inpaint))
+        image, inverted = digit_to_model_range(image)
+        print(f"inpainting test digit {args.inpaint} (a {label})")
     else:
         image, inverted = digit_to_model_range(read_png_file(args.inpaint, model.image_size, model.channels, "image"))
     if inverted:

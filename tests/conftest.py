@@ -64,6 +64,7 @@ def data_root(tmp_path_factory) -> Path:
     return make_fake_mnist(tmp_path_factory.mktemp("data"))
 
 
+SAME_PRECISION = ["--amp", "none", "--memory-format", "contiguous"]  # two runs on the same kernels draw the same pixels
 TINY = ["--base-channels", "8", "--channel-mults", "1", "2", "--timesteps", "50", "--limit-train", "256",
         "--batch-size", "64", "--sample-steps", "4", "--warmup-steps", "2", "--log-every", "2"]
 

@@ -21,10 +21,9 @@ from PIL import Image
 from diffusion.config import DataConfig
 from diffusion.dataloader import load_images
 
-from tests.conftest import ROOT, digit_png, inpainting_cells, png_pixels, run_cli
+from tests.conftest import ROOT, SAME_PRECISION, digit_png, inpainting_cells, png_pixels, run_cli
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is on this machine
-SAME_PRECISION = ["--amp", "none", "--memory-format", "contiguous"]  # page and command on the same kernels
 
 
 @pytest.fixture(scope="module")
@@ -245,13 +244,14 @@ def test_the_sample_tab_shows_x0_and_the_page_says_which_command_draws_it(browse
     assert "No images yet" in browser.find_element("id", "result-empty").text
     set_value(browser, "digit", "4")
     set_value(browser, "seed", "9")
+    set_value(browser, "steps", "6")
     result = run_and_wait(browser, wait)
     x0_frames = browser.execute_script("return window.demoX0Frames")
     assert len(x0_frames) == len(browser.execute_script("return window.demoFrames")) >= 5
     assert len(set(x0_frames)) >= 3, "the guess of the clean digits changes as the sampler goes"
     assert browser.find_element("id", "save").get_attribute("href") == result
     words = shlex.split(browser.find_element("id", "command").text)
-    assert words[:3] == ["python", "-m", "diffusion.sampling"]
+    assert words[:3] == ["python", "-m", "diffusion.sampling"] and "--steps" in words
     out = tmp_path / "same.png"
     res = run_cli(*words[2:], "--output", str(out), *SAME_PRECISION)
     assert res.returncode == 0, res.stderr

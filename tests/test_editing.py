@@ -9,7 +9,7 @@ from diffusion.diffusion_utils import make_schedule
 from diffusion.editing import inpaint, slerp
 from diffusion.model import UNet
 from diffusion.samplers import logsnr_timesteps, sample_ddim
-from tests.conftest import digit_png, grid_cells, inpainting_cells, png_pixels, run_cli, run_inprocess
+from tests.conftest import SAME_PRECISION, digit_png, grid_cells, inpainting_cells, png_pixels, run_cli, run_inprocess
 
 S = make_schedule("linear", 100)
 
@@ -116,7 +116,7 @@ def test_inpaint_command_reads_a_mask_png_and_inverts_dark_on_light(tiny_checkpo
 
 
 def test_interpolation_row_starts_and_ends_at_its_two_seeds(tiny_checkpoint, tmp_path):
-    common = ["--checkpoint", str(tiny_checkpoint), "--digit", "2", *["--amp", "none", "--memory-format", "contiguous"]]
+    common = ["--checkpoint", str(tiny_checkpoint), "--digit", "2", *SAME_PRECISION]
     res = run_cli("diffusion.sampling", *common, "--interpolate", "9", "--num-images", "5", "--seed", "7",
                   "--output", str(tmp_path / "row.png"))
     assert res.returncode == 0, res.stderr
@@ -148,3 +148,22 @@ def test_bad_editing_flags_are_one_line(tiny_checkpoint, tmp_path, capsys, flags
                         *[f.format(**names) for f in flags], "--output", str(tmp_path / "x.png"))
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_inpaint_takes_a_test_digits_number(tiny_checkpoint, data_root, tmp_path):
+    """--inpaint N completes MNIST test digit N: each row starts with it, and the kept top half comes back."""
+    from diffusion.config import DataConfig
+    from diffusion.dataloader import load_images
+
+    out = tmp_path / "filled.png"
+    res = run_cli("diffusion.sampling", "--checkpoint", str(tiny_checkpoint), "--inpaint", "3", "--data-root",
+                  str(data_root), "--num-images", "4", "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    images, labels = load_images(DataConfig(data_root=str(data_root)), train=False)
+    image, label = images[3], int(labels[3])
+    assert f"inpainting test digit 3 (a {label})" in res.stdout
+    shown, cells = inpainting_cells(png_pixels(out), 4, 2)
+    assert torch.equal(shown[:14], image[0, :14]) and all(torch.equal(c[:14], image[0, :14]) for c in cells)
+    missing = run_cli("diffusion.sampling", "--checkpoint", str(tiny_checkpoint), "--inpaint", "99999", "--data-root",
+                      str(data_root), "--output", str(tmp_path / "x.png"))
+    assert missing.returncode == 2 and "there is no test digit 99999" in missing.stderr

@@ -7,7 +7,7 @@ from torch.distributions import Normal, kl_divergence
 
 from diffusion.diffusion_utils import make_schedule, predict_eps, q_sample
 from diffusion.likelihood import (LEVELS, bits_per_dim, discretized_gaussian_log_likelihood,
-                                  log_normal_cdf_difference, normal_kl, prior_nats, step_nats, strata)
+                                  kl_nats, log_normal_cdf_difference, normal_kl, prior_nats, strata)
 
 S = make_schedule("linear", 1000, dtype=torch.float64)
 PIXELS = torch.arange(LEVELS, dtype=torch.float64) / 127.5 - 1  # the 256 values an 8-bit pixel can take
@@ -49,7 +49,7 @@ def test_each_kl_term_is_eq_12s_weighted_noise_error():
     xt = q_sample(x0, t, eps, S)
     weight = S.beta[t] ** 2 / (2 * S.posterior_var[t] * S.alpha[t] * (1 - S.alpha_bar[t]))
     expected = weight * (eps - eps_hat).square().flatten(1).sum(1)
-    assert torch.allclose(step_nats(x0, xt, t, eps_hat, S), expected, rtol=1e-8)
+    assert torch.allclose(kl_nats(x0, xt, t, eps_hat, S), expected, rtol=1e-8)
 
 
 def test_a_perfect_model_of_one_image_pays_only_the_prior_and_the_decoder():

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from diffusion.checkpoint import load_checkpoint, load_network
-from tests.conftest import ROOT, digit_png, grid_cells, inpainting_cells, png_pixels, run_inprocess
+from tests.conftest import ROOT, SAME_PRECISION, digit_png, grid_cells, inpainting_cells, png_pixels, run_inprocess
 
 FORMAT_2 = "5ed95f0"  # the last commit that wrote format 2
-SAME = ["--amp", "none", "--memory-format", "contiguous", "--num-images", "4"]
+SAME = [*SAME_PRECISION, "--num-images", "4"]
 TASKS = {"sample": [], "interpolate": ["--interpolate", "--digit", "7"],
          "inpaint": ["--inpaint", "DIGIT", "--guide-checkpoint", "none"],
          "uncond": ["--unconditional", "--sampler", "ddim", "--steps", "5", "--guide-checkpoint", "CKPT"]}

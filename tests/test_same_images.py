@@ -15,9 +15,8 @@ from diffusion.checkpoint import load_network
 from diffusion.cli import parse
 from diffusion.config import RuntimeConfig, SampleConfig
 from diffusion.metrics import split_grid
-from tests.conftest import TINY, digit_png, run_cli, run_inprocess
+from tests.conftest import SAME_PRECISION, TINY, digit_png, run_cli, run_inprocess
 
-SAME_PRECISION = ["--amp", "none", "--memory-format", "contiguous"]
 
 
 @pytest.fixture(scope="module")
