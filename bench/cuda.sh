@@ -39,7 +39,7 @@ step() {  # step LIMIT_S COMMAND...: run it, cut at LIMIT_S or at what is left o
   step 90 python -m diffusion.evaluate --ckpt-dir "$WORK/default" --n 1000
 
   step 200 python bench/speed.py --data-root "$DIFFUSION_DATA_ROOT" --compile --steps 50
-  step 60 python bench/speed.py --data-root "$DIFFUSION_DATA_ROOT" --batch 1024 --steps 20 --only "ours: default (32/64/64, 1 block; --amp/--memory-format auto)"
+  step 60 python bench/speed.py --data-root "$DIFFUSION_DATA_ROOT" --batch 1024 --steps 20 --only "ours: default (2x2 patches, 64/64 at 14/7; --amp/--memory-format auto)"
 
   step 150 python -m diffusion.main --compile --ckpt-dir "$WORK/compiled"
 
@@ -47,7 +47,7 @@ step() {  # step LIMIT_S COMMAND...: run it, cut at LIMIT_S or at what is left o
   step 90 python -m diffusion.evaluate --ckpt-dir "$WORK/e10" --n 1000
   step 60 python -m diffusion.sampling --ckpt-dir "$WORK/e10" --all-digits --num-images 10 --output "$OUT/epochs10_all_digits.png"
 
-  preset=(--base-channels 64 --channel-mults 1 2 2 --num-res-blocks 2 --batch-size 256)
+  preset=(--patch-size 1 --base-channels 64 --channel-mults 1 2 2 --num-res-blocks 2 --batch-size 256)
   step 200 python -m diffusion.main "${preset[@]}" --minutes 2.5 --ckpt-dir "$WORK/preset"
   step 90 python -m diffusion.evaluate --ckpt-dir "$WORK/preset" --n 1000
   step 60 python -m diffusion.sampling --ckpt-dir "$WORK/preset" --all-digits --num-images 10 --output "$OUT/preset_all_digits.png"

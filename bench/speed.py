@@ -8,11 +8,15 @@ and seconds to sample 16 digits. Not a test: run it on an idle machine.
 
 On a machine with a CUDA GPU, ours run there (the anchors stay CPU-only) and the peak is a bf16 matmul's.
 Each configuration runs in its own process so that peak memory (max RSS, or CUDA's max allocated) is its own.
+On a CPU with AVX-512 every configuration runs twice: natively, and as on an AVX2-only laptop (ATen and oneDNN
+limited to AVX2 for the whole process by ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA); each row names the
+instructions ATen and oneDNN report they ran, so a simulation that did not take is seen.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 try:
     import resource  # Unix only: peak memory
 except ImportError:
@@ -25,17 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion.config import DataConfig
+from diffusion.config import PAPER, DataConfig
 
 OURS = {  # name: Config overrides
-    "ours: default (32/64/64, 1 block; --amp/--memory-format auto)": {},
+    "ours: default (2x2 patches, 64/64 at 14/7; --amp/--memory-format auto)": {},
     "ours: default, fp32, channels_last": {"amp": "none", "memory_format": "channels_last"},
     "ours: default, fp32, NCHW": {"amp": "none", "memory_format": "contiguous"},
     "ours: default, bf16, channels_last": {"amp": "bf16", "memory_format": "channels_last"},
     "ours: default, bf16, NCHW": {"amp": "bf16", "memory_format": "contiguous"},
-    "ours: 16/64/64, 1 block": {"base_channels": 16, "channel_mults": (1, 4, 4)},
-    "ours: 32/64/64, 2 blocks": {"num_res_blocks": 2},
+    "ours: 2x2 patches, 48/96 at 14/7": {"base_channels": 48, "channel_mults": (1, 2)},
+    "ours: --paper's network (every pixel, 32/64/64 at 28/14/7)": {
+        k: PAPER[k] for k in ("patch_size", "base_channels", "channel_mults")},
 }
+CPU_CLASSES = {"native": {}, "as AVX2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 ANCHORS = ("diffusers UNet2DModel (32,64,64), no attention, 32x32",
            "lucidrains Unet(dim=32, dim_mults=(1,2,4)), 28x28")
 COMPILED = "ours: default, torch.compile"
@@ -86,8 +92,9 @@ def ours(name: str, args) -> dict:
     from diffusion.main import parse_run
     from diffusion.train import TrainingRun
 
+    from diffusion.config import flag_name, show
     overrides = {"compile": True} if name == COMPILED else OURS[name]
-    flags = [f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+    flags = [word for k, v in overrides.items() for word in (flag_name(k), *show(v).split())]
     _, cfg = parse_run(["--data-root", args.data_root, "--limit-train", str(args.batch * 4),
                         "--batch-size", str(args.batch), *flags])
     run = TrainingRun(cfg)
@@ -180,8 +187,18 @@ def anchor(name: str, args) -> dict:
             "step_s": time_steps(step, args.steps)}
 
 
+def instructions() -> str:
+    """The vector instructions this process runs: ATen's kernels' and oneDNN's (from its verbose header)."""
+    if torch.cuda.is_available():
+        return "CUDA"
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):  # prints "...,isa:Intel AVX2" on fd 1
+        F.conv2d(torch.randn(32, 64, 14, 14), torch.randn(64, 64, 3, 3), padding=1)
+    return f"ATen {torch.backends.cpu.get_cpu_capability()}"
+
+
 def measure_one(name: str, args) -> dict:
     result = ours(name, args) if name in OURS or name == COMPILED else anchor(name, args)
+    result["instructions"] = instructions()
     if name.endswith(BF16):
         result["precision"] = "bf16 autocast"
     result["name"] = name
@@ -206,39 +223,49 @@ def main() -> None:
     parser.add_argument("--only", metavar="NAME", help="measure this one configuration and print it as JSON")
     parser.add_argument("--json", help="also write all results to this file")
     args = parser.parse_args()
-    if args.data_root is None:
-        from diffusion.config import Config
-        args.data_root = Config().data_root
     if args.only:
         print(json.dumps(measure_one(args.only, args)))
         return
     peak, peak_how = matmul_peak()
     names = (list(OURS) + ([COMPILED] if args.compile else []) + (list(ANCHORS) if args.anchors else [])
              + ([a + BF16 for a in ANCHORS] if args.anchors_bf16 else []))
+    classes = cpu_classes()
     results = []
-    for name in names:
-        cmd = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--steps", str(args.steps),
-               "--data-root", args.data_root]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(f"{name}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-            continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    for cpu_class, env in classes.items():
+        for name in names:
+            cmd = [sys.executable, __file__, "--only", name, "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--data-root", args.data_root]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+            if proc.returncode:
+                print(f"{name}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+                continue
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            onednn = [line.split("isa:")[1] for line in proc.stdout.splitlines() if ",isa:" in line]
+            result["instructions"] += f", oneDNN {onednn[0]}" if onednn else ""
+            results.append({**result, "cpu_class": cpu_class})
     memory = "peak CUDA MiB" if torch.cuda.is_available() else "peak RSS MiB"
     print(f"\nmatmul peak ({peak_how}): {peak:.0f} GFLOP/s; batch {args.batch}\n")
-    print(f"| configuration | precision | params | train img/s | fwd GFLOP/img | achieved GFLOP/s | % of peak | {memory} |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| CPU path | configuration | precision | params | train img/s | fwd GFLOP/img | achieved GFLOP/s | "
+          f"% of peak | {memory} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['name']} | {r.get('precision', '-')} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | "
-              f"{r['fwd_flops'] / 1e9:.3f} | "
+        print(f"| {r['cpu_class']}: {r['instructions']} | {r['name']} | {r.get('precision', '-')} | "
+              f"{r['params'] / 1e6:.2f} M | {r['images_per_s']:.0f} | {r['fwd_flops'] / 1e9:.3f} | "
               f"{r['achieved_gflops']:.0f} | {100 * r['achieved_gflops'] / peak:.0f}% | {r['peak_rss_mib']:.0f} |")
     for r in results:
         if "sampling" in r:
-            print("\nseconds for 16 guided digits: " +
+            print(f"\nseconds for 16 guided digits ({r['cpu_class']}): " +
                   "; ".join(f"{k} {v:.2f} s" for k, v in r["sampling"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"matmul_peak_gflops": peak, "results": results}, f, indent=2)
+
+
+def cpu_classes() -> dict[str, dict]:
+    """The CPU paths to time: this one, and AVX2 as most laptops have it where this CPU has AVX-512."""
+    if torch.cuda.is_available() or "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return {"native": {}}
+    return CPU_CLASSES
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ from diffusion.errors import UserError
 from diffusion.model import UNet, build_model
 
 LATEST = "latest"  # a text file holding the name of the newest checkpoint
-FORMAT = 3  # 3: model_config apart from training settings; 2: one flat config; 1: linear betas not scaled to T
+# 4: patch_size; 3: model_config apart from training settings; 2: one flat config; 1: linear betas not scaled to T
+FORMAT = 4
+BEFORE_PATCHES = {"patch_size": 1}  # what a model saved before the setting existed was
 REQUIRED_KEYS = ("model", "ema", "epoch", "step")
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder
 MAX_CONFIG_BYTES = 100_000
@@ -175,12 +177,12 @@ def model_config(state: dict, where: Path | str) -> ModelConfig:
         values = state["model_config"]
         if not isinstance(values, dict):
             raise UserError(f"{where}: model_config must be a table of settings")
-        return build(ModelConfig, values, str(where))
+        return build(ModelConfig, {**BEFORE_PATCHES, **values}, str(where))
     flat = state.get("config")
     if not isinstance(flat, dict):
         raise UserError(f"{where} has no model_config")
     names = {f.name for f in fields(ModelConfig)} - {"learned_unconditional"}
-    values = {k: v for k, v in flat.items() if k in names}
+    values = {**BEFORE_PATCHES, **{k: v for k, v in flat.items() if k in names}}
     values["learned_unconditional"] = learns_unconditional(values.get("num_classes", 10), flat.get("p_uncond", 0.1))
     return build(ModelConfig, values, str(where))
 

@@ -27,6 +27,8 @@ DATASETS = ("mnist", "fashion-mnist", "folder")
 AMP_MODES = ("auto", "bf16", "none")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 LOGGERS = ("none", "tensorboard")
+NOISE_LEVELS = ("uniform", "lognormal")
+LOGNORMAL_SIGMA = (-0.98, 1.2)  # mean and std of ln sigma: EDM's (-1.2, 1.2) at sigma_data 0.5, moved by ln(0.62 / 0.5)
 GUIDE_SETTINGS = ("auto", "none")  # or a checkpoint path
 MAX_FINAL_ALPHA_BAR = 1e-2  # x_T must be this close to N(0, I): samplers start there
 MAX_SEED = 2**62  # chunk k of a sampling run uses seed + k * 1_000_003, which must stay a valid 64-bit seed
@@ -122,7 +124,7 @@ class Checked:
 
 @dataclass(frozen=True)
 class ModelConfig(Checked):
-    image_size: int = setting(28, "image side in pixels, set from the dataset; must divide by 2**(levels - 1)",
+    image_size: int = setting(28, "image side in pixels, set from the dataset; must divide by P * 2**(levels - 1)",
                               low=4, high=1024)
     channels: int = setting(1, "image channels, set from the dataset", low=1, high=4)
     num_classes: int = setting(10, "labels for guidance, set from the dataset; 0 trains an unconditional model",
@@ -134,10 +136,13 @@ class ModelConfig(Checked):
                                 above=0, high=1)
     beta_end: float = setting(0.02, "last beta of the linear schedule at T = 1000 (scaled by 1000 / T)",
                               above=0, high=1)
-    base_channels: int = setting(32, "U-Net width at full resolution, where convolutions cost the most; "
+    patch_size: int = setting(2, "the U-Net sees the image as a map of P x P pixel patches (pixel-unshuffle), so "
+                              "no convolution runs at full resolution; 1 = every pixel (the paper's network)",
+                              low=1, high=8)
+    base_channels: int = setting(64, "U-Net width at its first level, where convolutions cost the most; "
                                  "a multiple of 8", low=8, high=1024)
-    channel_mults: tuple = setting(None, "width multipliers per level (1 2 2 = 32/64/64 at 28/14/7)", item=int,
-                                   low=1, high=16, factory=lambda: (1, 2, 2))
+    channel_mults: tuple = setting(None, "width multipliers per level (1 1 = 64/64 at 14/7 with 2 x 2 patches)",
+                                   item=int, low=1, high=16, factory=lambda: (1, 1))
     num_res_blocks: int = setting(1, "residual blocks per level; one is faster than two at equal quality here",
                                   low=1, high=8)
     attention_resolutions: tuple = setting(None, "resolutions with self-attention (only where it is cheap)",
@@ -153,10 +158,11 @@ class ModelConfig(Checked):
             raise UserError(f"--channel-mults takes at most 6 levels, got {len(self.channel_mults)}")
         if self.base_channels % 8:
             raise UserError(f"--base-channels must be a multiple of 8 (GroupNorm groups), got {self.base_channels}")
-        factor = 2 ** (len(self.channel_mults) - 1)
+        factor = self.patch_size * 2 ** (len(self.channel_mults) - 1)
         if self.image_size % factor:
             raise UserError(f"--image-size {self.image_size} must divide by {factor}, the U-Net's "
-                            f"downsampling factor for {len(self.channel_mults)} levels")
+                            f"downsampling factor for {self.patch_size} x {self.patch_size} patches and "
+                            f"{len(self.channel_mults)} levels")
         self._check_noise_schedule()
 
     def _check_noise_schedule(self) -> None:
@@ -191,11 +197,20 @@ class TrainConfig(Checked):
     weight_decay: float = setting(0.0, "AdamW weight decay", low=0, high=10)
     warmup_steps: int = setting(200, "steps of linear learning-rate warm-up, then cosine decay to zero",
                                 low=0, high=10**9)
+    noise_levels: str = setting("uniform", "how training draws t: uniform (Algorithm 1) or lognormal, ln sigma_t ~ "
+                                "N(-0.98, 1.2^2), EDM's choice for data of std 0.5 moved to MNIST's 0.62 in [-1, 1]",
+                                choices=NOISE_LEVELS)
     min_snr_gamma: float = setting(0.0, "weigh each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
                                    "2023); 0 = the paper's unweighted L_simple", low=0, high=1e6)
     grad_clip: float = setting(1.0, "maximum gradient norm (0 = no clipping)", low=0, high=1e12)
-    ema_decay: float = setting(0.999, "decay of the weights' moving average that sampling uses, warmed up as "
+    ema_length: float = setting(0.0, "the weights' average that sampling uses: a power-function EMA of this "
+                                "relative length sigma_rel (Karras et al. 2024), which scales with the run; 0 = "
+                                "the exponential EMA of --ema-decay", low=0, high=0.5)
+    ema_decay: float = setting(0.999, "with --ema-length 0: decay of the exponential EMA, warmed up as "
                                "min(decay, (1 + n) / (10 + n))", low=0, high=0.999999)
+    ema_lengths: tuple = setting(None, "also keep power-function EMAs of the weights (Karras et al. 2024) of these "
+                                 "relative lengths sigma_rel, like 0.05 0.1, in every checkpoint, to choose the EMA "
+                                 "after training (bench/ema.py)", kind=tuple, item=float, above=0, high=0.5)
     p_uncond: float = setting(0.1, "chance of replacing a label by 'no label', so one network also learns the "
                               "unconditional model that guidance needs", low=0, high=1)
     dropout: float = setting(0.0, "dropout in the residual blocks; a few epochs do not overfit 60k digits",
@@ -258,6 +273,15 @@ class RuntimeConfig(Checked):
     seed: int = setting(0, "seed for model init, data order and sampling noise", low=0, high=MAX_SEED)
     ckpt_dir: str = setting(os.path.join("diffusion", "checkpoints"), "folder for checkpoints")
     out_dir: str = setting(os.path.join("diffusion", "outputs"), "folder for grids, loss curve and metrics")
+
+
+# `main --paper`: Ho et al.'s DDPM as this project first trained it: no labels, uniform t, L_simple, a U-Net that
+# sees every pixel (32/64/64 at 28/14/7). Flags given beside --paper still win.
+PAPER = {"num_classes": 0, "patch_size": 1, "base_channels": 32, "channel_mults": (1, 2, 2), "noise_levels": "uniform"}
+
+
+def paper_flags() -> list[str]:
+    return [word for name, value in PAPER.items() for word in (flag_name(name), *show(value).split())]
 
 
 PARTS = {ModelConfig: "model: the U-Net and its noise schedule (fixed by training)", DataConfig: "data",

@@ -114,11 +114,26 @@ def min_snr_weights(s: Schedule, gamma: float) -> torch.Tensor:
     return snr.clamp(max=gamma) / snr
 
 
+def lognormal_t_probs(s: Schedule, mean: float, std: float) -> torch.Tensor:
+    """P(t) (T,) for drawing training timesteps so that the noise level sigma_t = sqrt((1 - alpha_bar_t) /
+    alpha_bar_t) is log-normal, ln sigma ~ N(mean, std^2) (Karras et al. 2022, Sec. 5): each t gets the density
+    of its ln sigma_t times the width in ln sigma it stands for. Uniform t spends half the steps at sigma > 2,
+    where x_t is nearly pure noise and eps nearly x_t: easy steps that teach little."""
+    log_sigma = (0.5 * (torch.log1p(-s.alpha_bar.double()) - torch.log(s.alpha_bar.double())))
+    width = torch.gradient(log_sigma)[0]
+    density = torch.exp(-0.5 * ((log_sigma - mean) / std) ** 2)
+    probs = density * width
+    return (probs / probs.sum()).float()
+
+
 def diffusion_loss(model: EpsModel, x0: torch.Tensor, s: Schedule, generator: torch.Generator | None = None,
-                   weights: torch.Tensor | None = None):
-    """L_simple, Algorithm 1: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2, t uniform;
-    `weights` (T,) scales each image's squared error by weights[t] (None = L_simple)."""
-    t = torch.randint(0, s.T, (x0.shape[0],), device=x0.device, generator=generator)
+                   weights: torch.Tensor | None = None, t_probs: torch.Tensor | None = None):
+    """L_simple, Algorithm 1: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2, t uniform
+    or drawn from t_probs (T,); `weights` (T,) scales each image's squared error by weights[t] (None = L_simple)."""
+    if t_probs is None:
+        t = torch.randint(0, s.T, (x0.shape[0],), device=x0.device, generator=generator)
+    else:
+        t = torch.multinomial(t_probs, x0.shape[0], replacement=True, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     eps_pred = model(q_sample(x0, t, eps, s), t).float()
     if weights is None:

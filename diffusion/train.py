@@ -17,11 +17,12 @@ from tqdm import tqdm
 from diffusion.autotune import setup_runtime
 from diffusion.checkpoint import (FORMAT, check_room, check_same_model, check_writable_folder, epoch_name,
                                   find_latest, load_checkpoint, load_weights, model_config, save_checkpoint)
-from diffusion.config import RunConfig, learns_unconditional, parse_interval
+from diffusion.config import LOGNORMAL_SIGMA, RunConfig, learns_unconditional, parse_interval
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
-from diffusion.diffusion_utils import diffusion_loss, min_snr_weights, schedule_from_config
+from diffusion.diffusion_utils import diffusion_loss, lognormal_t_probs, min_snr_weights, schedule_from_config
 from diffusion.errors import UserError, writing
 from diffusion.generation import generate, sample_labels
+from diffusion.ema import EmaTracks, gamma_of
 from diffusion.logger import make_logger
 from diffusion.model import build_model
 from diffusion.recipe import choose_recipe
@@ -29,13 +30,19 @@ from diffusion.runtime import resolve_device
 from diffusion.visuals import save_grid, save_loss_curve
 
 
-def ema_multi_avg_fn(decay: float):
-    """EMA with warm-up, decay_n = min(decay, (1 + n) / (10 + n)), on whole parameter lists, no host sync."""
+def ema_multi_avg_fn(decay: float, length: float = 0.0):
+    """The EMA's update on whole parameter lists, no host sync. n_averaged updates came before this one (the first
+    copies the weights): with a length, the power-function EMA's beta at step n_averaged + 1 (diffusion/ema.py);
+    else decay_n = min(decay, (1 + n) / (10 + n)), an exponential EMA with warm-up."""
+    exponent = gamma_of(length) + 1 if length else None
+
     @torch.no_grad()
     def update(ema_params, params, n_averaged):
-        d = torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay).to(params[0].dtype)
-        torch._foreach_mul_(ema_params, d)
-        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - d))
+        if exponent is None:
+            d = torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay)
+        else:
+            d = (1 - 1 / (n_averaged + 1)) ** exponent
+        torch._foreach_lerp_(ema_params, params, (1 - d).to(params[0].dtype))  # one pass, no temporaries
     return update
 
 
@@ -123,8 +130,9 @@ class TrainingRun:
         self.runtime = setup_runtime(cfg.runtime, cfg.model, self.model, "train", min(cfg.train.batch_size, 64),
                                      device=self.device, world=world, verbose=rank == 0)
         self.model = self.runtime.prepare(self.model)
-        self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(cfg.train.ema_decay))
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(cfg.train.ema_decay, cfg.train.ema_length))
         self.ema.requires_grad_(False)
+        self.ema_tracks = EmaTracks(self.model, cfg.train.ema_lengths)
         self.wrapped_model = self.model  # what the step calls: the model, or DDP / torch.compile around it
         if world > 1:
             self.wrapped_model = torch.nn.parallel.DistributedDataParallel(
@@ -142,6 +150,9 @@ class TrainingRun:
             lr_lambda(cfg.train.warmup_steps, cfg.train.epochs * self.steps_per_epoch))
         self.schedule = schedule_from_config(cfg.model).to(self.device)
         self.loss_weights = min_snr_weights(self.schedule, cfg.train.min_snr_gamma) if cfg.train.min_snr_gamma else None
+        # made on the CPU in float64, which Apple's MPS lacks, then moved
+        self.t_probs = (lognormal_t_probs(schedule_from_config(cfg.model), *LOGNORMAL_SIGMA).to(self.device)
+                        if cfg.train.noise_levels == "lognormal" else None)
         self.gen = torch.Generator(self.device).manual_seed(cfg.runtime.seed * 1000 + rank)  # t, noise, label drops
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.epoch_loss = torch.zeros((), device=self.device)
@@ -164,7 +175,8 @@ class TrainingRun:
     def state(self) -> dict:
         self.tick()  # the training time up to this moment goes into the checkpoint
         return {"model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
-                "ema_n": self.ema.n_averaged, "optimizer": self.opt.state_dict(),
+                "ema_n": self.ema.n_averaged, "ema_tracks": self.ema_tracks.state_dict(),
+                "optimizer": self.opt.state_dict(),
                 "lr_schedule": self.lr_scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
                 "batch_in_epoch": self.batch_in_epoch, "epoch_loss": self.epoch_loss,
                 "generator": self.gen.get_state(), "rng": rng_state(), "history": self.history,
@@ -179,6 +191,7 @@ class TrainingRun:
         load_weights(self.ema.module, state["ema"], path)
         try:
             self.ema.n_averaged.copy_(state["ema_n"])
+            self.ema_tracks.load_state_dict(state["ema_tracks"] if self.ema_tracks.tracks else {})
             self.opt.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_schedule"])
             self.gen.set_state(state["generator"].cpu())
@@ -212,7 +225,7 @@ class TrainingRun:
         net = self.wrapped_model if len(x0) == cfg.train.batch_size // self.world else self.eager_model
         with self.runtime.autocast():
             loss = diffusion_loss(lambda xt, t: net(xt, t, y if cfg.model.num_classes else None),
-                                  x0, self.schedule, self.gen, self.loss_weights)
+                                  x0, self.schedule, self.gen, self.loss_weights, self.t_probs)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip:  # 0 means no clipping (clip_grad_norm_ would scale every gradient to zero)
@@ -220,6 +233,7 @@ class TrainingRun:
         self.opt.step()
         self.lr_scheduler.step()
         self.ema.update_parameters(self.model)
+        self.ema_tracks.update(self.step + 1)
         return loss.detach()
 
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from diffusion.diffusion_utils import (diffusion_loss, make_schedule, min_snr_weights, predict_eps, predict_x0,
-                                       q_posterior, q_sample, values_at)
+from diffusion.diffusion_utils import (diffusion_loss, lognormal_t_probs, make_schedule, min_snr_weights, predict_eps,
+                                       predict_x0, q_posterior, q_sample, values_at)
 from diffusion.samplers import sample_ddpm
 
 F64 = torch.float64
@@ -154,6 +154,34 @@ def test_min_snr_weighted_loss_weighs_each_image_by_min_snr_over_snr_at_its_t():
     plain = diffusion_loss(spy, x0, s32, torch.Generator().manual_seed(1))
     assert diffusion_loss(spy, x0, s32, torch.Generator().manual_seed(1), min_snr_weights(s32, math.inf)).item() == \
         pytest.approx(plain.item(), rel=1e-6), "gamma = inf is L_simple"
+
+
+@pytest.mark.parametrize("kind,T", [("linear", 1000), ("cosine", 1000), ("linear", 4000)])
+def test_lognormal_noise_levels_make_ln_sigma_the_normal_asked_for(kind, T):
+    """Under t ~ lognormal_t_probs, ln sigma_t has the asked mean and std (the schedule's sigma range, 0.01 to
+    157 for the paper's, cuts off under 0.1% of the normal), whatever the schedule and T."""
+    s = make_schedule(kind, T, dtype=F64)
+    probs = lognormal_t_probs(s, -0.98, 1.2).double()
+    log_sigma = 0.5 * torch.log((1 - s.alpha_bar) / s.alpha_bar)
+    mean = (probs * log_sigma).sum()
+    std = (probs * (log_sigma - mean) ** 2).sum().sqrt()
+    assert probs.sum().item() == pytest.approx(1, abs=1e-6) and (probs >= 0).all()
+    assert mean.item() == pytest.approx(-0.98, abs=0.03) and std.item() == pytest.approx(1.2, abs=0.03)
+
+
+def test_the_loss_trains_the_t_drawn_from_t_probs():
+    s32 = make_schedule("linear", 1000)
+    x0 = torch.zeros(256, 1, 2, 2)
+    seen = {}
+
+    def spy(xt, t):
+        seen["t"] = t
+        return xt
+
+    probs = torch.zeros(1000)
+    probs[[17, 600]] = torch.tensor([0.25, 0.75])
+    diffusion_loss(spy, x0, s32, torch.Generator().manual_seed(1), t_probs=probs)
+    assert set(seen["t"].tolist()) == {17, 600} and 0.65 < (seen["t"] == 600).float().mean() < 0.85
 
 
 def test_linear_betas_scale_with_T_and_keep_the_paper_at_1000():

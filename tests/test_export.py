@@ -75,7 +75,7 @@ FOLDERS = {  # what is wrong in a folder someone sent -> what the one line says
     "a billion timesteps": (lambda f: set_config(f, timesteps=10**9), "--timesteps in"),
     "a billion classes": (lambda f: set_config(f, num_classes=10**9), "--num-classes in"),
     "100,000 blocks": (lambda f: set_config(f, num_res_blocks=10**5), "--num-res-blocks in"),
-    "parameters past the cap": (lambda f: set_config(f, base_channels=1024, channel_mults=[1, 2, 4]),
+    "parameters past the cap": (lambda f: set_config(f, patch_size=1, base_channels=1024, channel_mults=[1, 2, 4]),
                                 "parameters"),
     "a number as text": (lambda f: set_config(f, base_channels="32"), "must be an integer, got '32'"),
     "a float for an integer": (lambda f: set_config(f, timesteps=1000.5), "must be an integer, got 1000.5"),

@@ -50,3 +50,22 @@ def test_input_size_must_divide_by_downsampling_factor():
         UNet(image_size=30, channel_mults=(1, 2, 2))
     with pytest.raises(AssertionError):
         UNet(base_channels=8, channel_mults=(1, 2, 2))(torch.randn(1, 1, 30, 30), torch.tensor([0]))
+
+
+@torch.no_grad()
+def test_a_patched_network_is_the_plain_network_on_patches():
+    """patch_size 2: the U-Net of 4 channels at 14x14 run on each 2x2 patch's pixels as channels (channel 2i + j holds
+    pixel (i, j) of its patch), the output put back pixel by pixel the same way."""
+    patched = perturbed(UNet(base_channels=8, channel_mults=(1, 2), attention_resolutions=(7,), patch_size=2))
+    plain = UNet(channels=4, image_size=14, base_channels=8, channel_mults=(1, 2), attention_resolutions=(7,)).eval()
+    plain.load_state_dict(patched.state_dict())
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 400, 999])
+    patches = x.reshape(3, 14, 2, 14, 2).permute(0, 2, 4, 1, 3).reshape(3, 4, 14, 14)
+    out = plain(patches, t).reshape(3, 2, 2, 14, 14).permute(0, 3, 1, 4, 2).reshape(3, 1, 28, 28)
+    assert torch.allclose(patched(x, t), out, atol=1e-5)
+
+
+def test_patches_count_in_the_downsampling_factor():
+    UNet(image_size=28, channel_mults=(1, 1), patch_size=2)
+    with pytest.raises(AssertionError):
+        UNet(image_size=28, channel_mults=(1, 2, 2), patch_size=2)  # 28 / 2 = 14, then 7, then 3.5

@@ -1,6 +1,7 @@
-"""A checkpoint written by the version before format 3 (format 2: one flat config of every setting) still loads and
-draws exactly the images that version drew. The test takes that version's code from the repository's history
-(commit 5ed95f0), trains a tiny model with it and samples with it, then samples the same checkpoint with this code."""
+"""Checkpoints written by earlier versions still load and draw exactly the images those versions drew: format 2 (one
+flat config of every setting) and format 3 (model settings apart, before --patch-size: every pixel seen alone). The
+test takes each version's code from the repository's history, trains a tiny model with it and samples with it, then
+samples the same checkpoint with this code."""
 import subprocess
 import sys
 import tarfile
@@ -12,7 +13,7 @@ import torch
 from diffusion.checkpoint import load_checkpoint, load_network
 from tests.conftest import ROOT, SAME_PRECISION, digit_png, grid_cells, inpainting_cells, png_pixels, run_inprocess
 
-FORMAT_2 = "5ed95f0"  # the last commit that wrote format 2
+OLD = {2: "5ed95f0", 3: "5a02011"}  # the last commit that wrote each format
 SAME = [*SAME_PRECISION, "--num-images", "4"]
 TASKS = {"sample": [], "interpolate": ["--interpolate", "--digit", "7"],
          "inpaint": ["--inpaint", "DIGIT", "--guide-checkpoint", "none"],
@@ -23,15 +24,16 @@ def flags(task: str, ckpt: Path, digit: Path) -> list[str]:
     return [str(digit) if f == "DIGIT" else str(ckpt) if f == "CKPT" else f for f in TASKS[task]]
 
 
-@pytest.fixture(scope="module")
-def old_run(tmp_path_factory, data_root):
-    """(format-2 checkpoint, the PNGs the old code drew from it, the test digit), all made by commit 5ed95f0."""
-    work = tmp_path_factory.mktemp("format2")
+@pytest.fixture(scope="module", params=sorted(OLD), ids=lambda f: f"format{f}")
+def old_run(request, tmp_path_factory, data_root):
+    """(checkpoint, the folder with the PNGs the old code drew from it, the test digit, its format)."""
+    fmt = request.param
+    work = tmp_path_factory.mktemp(f"format{fmt}")
     archive = work / "old.tar"
-    got = subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), FORMAT_2, "diffusion"],
+    got = subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), OLD[fmt], "diffusion"],
                          capture_output=True, text=True)
     if got.returncode != 0:
-        pytest.skip(f"commit {FORMAT_2} is not in this checkout's history ({got.stderr.strip()[:80]})")
+        pytest.skip(f"commit {OLD[fmt]} is not in this checkout's history ({got.stderr.strip()[:80]})")
     with tarfile.open(archive) as tar:
         tar.extractall(work / "code", filter="data")
     digit, _ = digit_png(work)
@@ -46,29 +48,34 @@ def old_run(tmp_path_factory, data_root):
     script = "import importlib\n" + "".join(f"importlib.import_module({m!r}).main({a!r})\n" for m, a in calls)
     res = subprocess.run([sys.executable, "-c", script], cwd=work / "code", capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]  # one process: the old code is imported once
-    return ckpt, work, digit
+    return ckpt, work, digit, fmt
 
 
-def test_the_old_code_wrote_format_2(old_run):
-    state = load_checkpoint(old_run[0])
-    assert state["format"] == 2 and "config" in state and "model_config" not in state
-    assert "sample_steps" in state["config"], "format 2 stored the run's sampling settings too"
+def test_the_old_code_wrote_its_format(old_run):
+    state, fmt = load_checkpoint(old_run[0]), old_run[3]
+    assert state["format"] == fmt
+    if fmt == 2:
+        assert "config" in state and "model_config" not in state
+        assert "sample_steps" in state["config"], "format 2 stored the run's sampling settings too"
+    else:
+        assert "patch_size" not in state["model_config"], "format 3 came before --patch-size"
 
 
-def test_a_format_2_checkpoint_loads_with_what_training_fixed(old_run):
+def test_an_old_checkpoint_loads_with_what_training_fixed(old_run):
     loaded = load_network(old_run[0])
     assert (loaded.config.base_channels, loaded.config.channel_mults, loaded.config.timesteps) == (8, (1,), 50)
+    assert loaded.config.patch_size == 1, "before --patch-size, the network saw every pixel"
     assert loaded.config.learned_unconditional and loaded.epoch == 1
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_a_format_2_checkpoint_draws_the_images_the_old_code_drew(old_run, tmp_path, capsys, task):
-    ckpt, work, digit = old_run
+def test_an_old_checkpoint_draws_the_images_the_old_code_drew(old_run, tmp_path, capsys, task):
+    ckpt, work, digit, fmt = old_run
     out = tmp_path / f"{task}.png"
     res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(ckpt), *SAME, *flags(task, ckpt, digit),
                         "--output", str(out))
     assert res.returncode == 0, res.stderr
-    if task == "inpaint":  # this version leads each row with what was kept; the completions are the same
+    if task == "inpaint" and fmt == 2:  # format 3's code led each row with what was kept; the completions are the same
         _, new = inpainting_cells(png_pixels(out), 4, 2)
         assert all(map(torch.equal, new, grid_cells(png_pixels(work / "inpaint.png"), 4, 2)))
     else:

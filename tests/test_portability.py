@@ -1,4 +1,5 @@
 """What differs on the laptops we are written for: Apple MPS (no float64) and Windows (no folder fsync)."""
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -64,8 +65,9 @@ def test_inpainting_and_interpolated_noise_run_without_float64():
     assert x_T.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-def test_training_step_runs_without_float64(data_root, tmp_path):
-    run = TrainingRun(tiny_cfg(data_root, tmp_path))
+@pytest.mark.parametrize("flags", [(), ("--noise-levels", "lognormal", "--ema-length", "0.1", "--ema-lengths", "0.05")])
+def test_training_step_runs_without_float64(data_root, tmp_path, flags):
+    run = TrainingRun(tiny_cfg(data_root, tmp_path, *flags))
     x0, y = run.images[:16].float() / 127.5 - 1, run.labels[:16]
     with NoFloat64():
         for _ in range(2):

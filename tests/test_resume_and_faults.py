@@ -22,10 +22,13 @@ def tiny_cfg(data_root, ckpt_dir, *extra):
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    pairs = [(key, a[key], b[key]) for key in ("model", "ema")]
+    pairs += [(f"ema_tracks.{s}", a["ema_tracks"][s], b["ema_tracks"][s]) for s in a["ema_tracks"]]
+    assert a["ema_tracks"].keys() == b["ema_tracks"].keys()
+    for key, x, y in pairs:
+        assert x.keys() == y.keys()
+        for name in x:
+            assert torch.equal(x[name], y[name]), f"{key}.{name} differs"
 
 
 def test_few_steps_on_a_fixed_batch_lower_its_loss(data_root, tmp_path):
@@ -46,12 +49,17 @@ def test_few_steps_on_a_fixed_batch_lower_its_loss(data_root, tmp_path):
 
 
 def test_resume_after_epoch_is_bit_identical(data_root, tmp_path):
-    full = train(tiny_cfg(data_root, tmp_path / "a", "--epochs", "2"))
+    """The weights, their EMA and every EMA track kept for choosing after training."""
+    flags = ("--epochs", "2", "--ema-lengths", "0.05", "0.2")
+    full = train(tiny_cfg(data_root, tmp_path / "a", *flags))
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "epoch_001.pth").write_bytes((tmp_path / "a" / "epoch_001.pth").read_bytes())
-    train(tiny_cfg(data_root, tmp_path / "b", "--epochs", "2"), resume="latest")
-    assert_same_weights(load_checkpoint(tmp_path / "a" / "epoch_002.pth"), load_checkpoint(tmp_path / "b" / "epoch_002.pth"))
-    assert full.step == 8
+    train(tiny_cfg(data_root, tmp_path / "b", *flags), resume="latest")
+    end = load_checkpoint(tmp_path / "a" / "epoch_002.pth")
+    assert_same_weights(end, load_checkpoint(tmp_path / "b" / "epoch_002.pth"))
+    assert full.step == 8 and set(end["ema_tracks"]) == {"0.05", "0.2"}
+    name = "out.2.weight"
+    assert not torch.equal(end["ema_tracks"]["0.05"][name], end["ema_tracks"]["0.2"][name])
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):
