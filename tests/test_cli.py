@@ -188,3 +188,15 @@ def test_the_papers_ddpm_is_one_command_that_says_what_it_is(trained, tmp_path):
     assert np.array_equal(np.load(tmp_path / "p.npy"), np.load(tmp_path / "s.npy"))
     clash = run_cli("diffusion.sampling", "--ckpt-dir", ck, "--paper", "--sampler", "ddim")
     assert clash.returncode == 2 and "--paper" in clash.stderr and "Traceback" not in clash.stderr
+
+
+def test_paper_sets_the_papers_ddpm_and_flags_beside_it_win():
+    from diffusion.config import PAPER
+    from diffusion.main import parse_run
+    _, cfg = parse_run(["--paper"])
+    assert {k: getattr(cfg.model if hasattr(cfg.model, k) else cfg.train, k) for k in PAPER} == PAPER
+    assert (cfg.model.num_classes, cfg.model.patch_size, cfg.train.noise_levels) == (0, 1, "uniform")
+    _, cfg = parse_run(["--paper", "--base-channels", "16", "--noise-levels", "lognormal"])
+    assert (cfg.model.base_channels, cfg.model.patch_size, cfg.train.noise_levels) == (16, 1, "lognormal")
+    _, plain = parse_run([])
+    assert (plain.model.patch_size, plain.model.num_classes) == (2, 10)
