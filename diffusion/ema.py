@@ -23,8 +23,9 @@ def gamma_of(sigma_rel: float) -> float:
     return (low + high) / 2
 
 
-def beta(n: int, gamma: float) -> float:
-    """How much of the track stays at step n >= 1; 0 at the first step, so a track starts as the weights."""
+def beta(n, gamma: float):
+    """How much of the track stays at step n >= 1 (an int, or a tensor of them); 0 at the first step, so a track
+    starts as the weights."""
     return (1 - 1 / n) ** (gamma + 1)
 
 

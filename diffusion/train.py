@@ -22,7 +22,7 @@ from diffusion.dataloader import batches, dataset_shape, epoch_order, load_image
 from diffusion.diffusion_utils import diffusion_loss, lognormal_t_probs, min_snr_weights, schedule_from_config
 from diffusion.errors import UserError, writing
 from diffusion.generation import generate, sample_labels
-from diffusion.ema import EmaTracks, gamma_of
+from diffusion.ema import EmaTracks, beta, gamma_of
 from diffusion.logger import make_logger
 from diffusion.model import build_model
 from diffusion.recipe import choose_recipe
@@ -34,14 +34,14 @@ def ema_multi_avg_fn(decay: float, length: float = 0.0):
     """The EMA's update on whole parameter lists, no host sync. n_averaged updates came before this one (the first
     copies the weights): with a length, the power-function EMA's beta at step n_averaged + 1 (diffusion/ema.py);
     else decay_n = min(decay, (1 + n) / (10 + n)), an exponential EMA with warm-up."""
-    exponent = gamma_of(length) + 1 if length else None
+    gamma = gamma_of(length) if length else None
 
     @torch.no_grad()
     def update(ema_params, params, n_averaged):
-        if exponent is None:
+        if gamma is None:
             d = torch.clamp((1 + n_averaged) / (10 + n_averaged), max=decay)
         else:
-            d = (1 - 1 / (n_averaged + 1)) ** exponent
+            d = beta(n_averaged + 1, gamma)
         torch._foreach_lerp_(ema_params, params, (1 - d).to(params[0].dtype))  # one pass, no temporaries
     return update
 
