@@ -193,7 +193,7 @@ class TrainConfig(Checked):
     minutes: float = setting(0.0, "train for this many minutes instead of --epochs, with the learning rate "
                              "decaying to zero when they are spent (0 = use --epochs)", low=0, high=525_600)
     batch_size: int = setting(128, "images per step, split across processes under torchrun", low=1, high=65_536)
-    lr: float = setting(2e-3, "AdamW peak learning rate; high because the network is small", above=0, high=10)
+    lr: float = setting(4e-3, "AdamW peak learning rate; high because the network is small", above=0, high=10)
     weight_decay: float = setting(0.0, "AdamW weight decay", low=0, high=10)
     warmup_steps: int = setting(200, "steps of linear learning-rate warm-up, then cosine decay to zero",
                                 low=0, high=10**9)
@@ -277,7 +277,8 @@ class RuntimeConfig(Checked):
 
 # `main --paper`: Ho et al.'s DDPM as this project first trained it: no labels, uniform t, L_simple, a U-Net that
 # sees every pixel (32/64/64 at 28/14/7). Flags given beside --paper still win.
-PAPER = {"num_classes": 0, "patch_size": 1, "base_channels": 32, "channel_mults": (1, 2, 2), "noise_levels": "uniform"}
+PAPER = {"num_classes": 0, "patch_size": 1, "base_channels": 32, "channel_mults": (1, 2, 2), "noise_levels": "uniform",
+         "lr": 2e-3}
 
 
 def paper_flags() -> list[str]:
