@@ -272,7 +272,8 @@ def test_minutes_budget_ends_training_with_the_learning_rate_at_zero(data_root, 
     run = train(tiny_cfg(data_root, tmp_path, "--minutes", "0.05", "--warmup-steps", "1"))  # 3 s = 6 steps
     assert run.step == 6 and run.trained_seconds == pytest.approx(3.0)
     # the last step ran at 2.5 s of the 3 s budget: a cosine in training time, zero once it is spent
-    assert run.lr_scheduler.get_last_lr()[0] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 2.5 / 3)))
+    peak = run.cfg.train.lr
+    assert run.lr_scheduler.get_last_lr()[0] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 2.5 / 3)))
     assert run.lr_scheduler.lr_lambdas[0](run.step) == pytest.approx(0.0, abs=1e-12)
     assert resolve_checkpoint(None, tmp_path).name == "final.pth" and (tmp_path / "epoch_001.pth").exists()
     state = load_checkpoint(tmp_path / "final.pth")
