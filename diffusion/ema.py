@@ -34,6 +34,7 @@ class EmaTracks:
 
     def __init__(self, module: torch.nn.Module, sigma_rels: tuple[float, ...] | None):
         self.module = module
+        self.params = list(module.parameters())  # the same tensors every step: listed once
         self.gammas = {f"{s:g}": gamma_of(s) for s in sigma_rels or ()}
         self.tracks = {name: [p.detach().clone() for p in module.parameters()] for name in self.gammas}
 
@@ -41,7 +42,7 @@ class EmaTracks:
     def update(self, step: int) -> None:
         """After training step `step` (counted from 1)."""
         for name, track in self.tracks.items():
-            torch._foreach_lerp_(track, list(self.module.parameters()), 1 - beta(step, self.gammas[name]))
+            torch._foreach_lerp_(track, self.params, 1 - beta(step, self.gammas[name]))
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         """{sigma_rel: a state dict of the module with the track's parameters}."""
