@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.diffusion_utils import diffusion_loss, make_schedule
+from diffusion.diffusion_utils import diffusion_loss, schedule_from_config
 from diffusion.runtime import Precision, Runtime, resolve_device
 
 clock = time.perf_counter
@@ -113,8 +113,8 @@ def make_step(model: torch.nn.Module, cfg, device: torch.device, precision: Prec
     net = runtime.prepare(copy.deepcopy(model))
     x0 = runtime.batch(torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size))
     labels = torch.zeros(batch, dtype=torch.long, device=device) if cfg.num_classes else None
-    schedule = make_schedule("linear", 1000).to(device)
-    t = torch.full((batch,), 500, device=device)
+    schedule = schedule_from_config(cfg).to(device)  # the model's own T: a preconditioned network indexes by t
+    t = torch.full((batch,), schedule.T // 2, device=device)
 
     def step():
         with runtime.autocast():

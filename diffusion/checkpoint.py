@@ -26,9 +26,10 @@ from diffusion.errors import UserError
 from diffusion.model import UNet, build_model
 
 LATEST = "latest"  # a text file holding the name of the newest checkpoint
-# 4: patch_size; 3: model_config apart from training settings; 2: one flat config; 1: linear betas not scaled to T
-FORMAT = 4
-BEFORE_PATCHES = {"patch_size": 1}  # what a model saved before the setting existed was
+# 5: prediction; 4: patch_size; 3: model_config apart from training settings; 2: one flat config; 1: linear betas
+# not scaled to T
+FORMAT = 5
+UNSAVED_DEFAULTS = {"patch_size": 1, "prediction": "eps"}  # what a model saved before each setting existed was
 REQUIRED_KEYS = ("model", "ema", "epoch", "step")
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder
 MAX_CONFIG_BYTES = 100_000
@@ -177,12 +178,12 @@ def model_config(state: dict, where: Path | str) -> ModelConfig:
         values = state["model_config"]
         if not isinstance(values, dict):
             raise UserError(f"{where}: model_config must be a table of settings")
-        return build(ModelConfig, {**BEFORE_PATCHES, **values}, str(where))
+        return build(ModelConfig, {**UNSAVED_DEFAULTS, **values}, str(where))
     flat = state.get("config")
     if not isinstance(flat, dict):
         raise UserError(f"{where} has no model_config")
     names = {f.name for f in fields(ModelConfig)} - {"learned_unconditional"}
-    values = {**BEFORE_PATCHES, **{k: v for k, v in flat.items() if k in names}}
+    values = {**UNSAVED_DEFAULTS, **{k: v for k, v in flat.items() if k in names}}
     values["learned_unconditional"] = learns_unconditional(values.get("num_classes", 10), flat.get("p_uncond", 0.1))
     return build(ModelConfig, values, str(where))
 

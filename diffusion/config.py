@@ -28,6 +28,8 @@ AMP_MODES = ("auto", "bf16", "none")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 LOGGERS = ("none", "tensorboard")
 NOISE_LEVELS = ("uniform", "lognormal")
+PREDICTIONS = ("eps", "v", "edm")
+SIGMA_DATA = {"v": 1.0, "edm": 0.62}  # the data std each output mix assumes: v's is 1; MNIST's in [-1, 1] is 0.62
 LOGNORMAL_SIGMA = (-0.98, 1.2)  # mean and std of ln sigma: EDM's (-1.2, 1.2) at sigma_data 0.5, moved by ln(0.62 / 0.5)
 GUIDE_SETTINGS = ("auto", "none")  # or a checkpoint path
 MAX_FINAL_ALPHA_BAR = 1e-2  # x_T must be this close to N(0, I): samplers start there
@@ -136,6 +138,10 @@ class ModelConfig(Checked):
                                 above=0, high=1)
     beta_end: float = setting(0.02, "last beta of the linear schedule at T = 1000 (scaled by 1000 / T)",
                               above=0, high=1)
+    prediction: str = setting("eps", "what the network outputs, always read back as eps: eps (Ho et al.), v = "
+                              "sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022), or edm (Karras et "
+                              "al. 2022: the input scaled to unit variance, the output a mix of x0 and eps for data "
+                              "of std 0.62); each is trained on its own target with unit weight", choices=PREDICTIONS)
     patch_size: int = setting(2, "the U-Net sees the image as a map of P x P pixel patches (pixel-unshuffle), so "
                               "no convolution runs at full resolution; 1 = every pixel (the paper's network)",
                               low=1, high=8)

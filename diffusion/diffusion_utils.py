@@ -106,6 +106,25 @@ def q_posterior(x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, s: Schedule
     return coef_x0 * x0 + coef_xt * xt, values_at(s.posterior_var, t, xt)
 
 
+def preconditioning(alpha_bar: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(c_in, c_xt, c_net), each (T,), for a network F that predicts a mix of x_0 and eps: it sees c_in x_t and
+    eps = c_xt x_t + c_net F. This is Karras et al. 2022's preconditioning (Table 1, x_0 = c_skip x + c_out F on
+    x = x_t / sqrt(alpha_bar), sigma^2 = (1 - alpha_bar) / alpha_bar) written for x_t and read back as eps:
+    with D = 1 - alpha_bar + alpha_bar sigma_data^2, the variance of x_t,
+        c_in = 1 / sqrt(D),  c_xt = sqrt(1 - alpha_bar) / D,  c_net = -sqrt(alpha_bar) sigma_data / sqrt(D).
+    sigma_data = 1 is v-prediction (Salimans & Ho 2022): F = -v, c_in = 1. F's target has unit variance at every
+    t, so L_simple on F is the eps loss weighted by 1 / c_net^2; see target_weights."""
+    alpha_bar = alpha_bar.double()
+    d = 1 - alpha_bar + alpha_bar * sigma_data**2
+    return d.rsqrt(), (1 - alpha_bar).sqrt() / d, -alpha_bar.sqrt() * sigma_data / d.sqrt()
+
+
+def target_weights(c_net: torch.Tensor) -> torch.Tensor:
+    """Weights (T,) on the eps loss that make it the unweighted loss on the network's own output F:
+    eps_pred - eps = c_net (F_pred - F_target)."""
+    return c_net.double().square().reciprocal()
+
+
 def min_snr_weights(s: Schedule, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights for eps prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t with
     SNR_t = alpha_bar_t / (1 - alpha_bar_t). Low-noise steps, whose eps is easy and whose gradients fight

@@ -1,5 +1,7 @@
 """The noise-predicting U-Net: (x_t, t, label) -> eps. By default it sees 28x28 digits as 14x14 maps of 2x2 pixel
-patches (pixel-unshuffle), so no convolution runs at full resolution, where a CPU spends most of a step's time."""
+patches (pixel-unshuffle), so no convolution runs at full resolution, where a CPU spends most of a step's time.
+Whatever mix of x_0 and eps the network learns to output (--prediction), forward returns eps, so samplers, guidance
+and the likelihood never ask."""
 from __future__ import annotations
 
 import math
@@ -8,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.config import SIGMA_DATA
+from diffusion.diffusion_utils import make_schedule, preconditioning, values_at
 from diffusion.errors import UserError
 
 
@@ -71,13 +75,19 @@ class ResolutionLevel(nn.Module):
 
 class UNet(nn.Module):
     """U-Net epsilon-predictor. forward(x (B,C,H,W), t (B,) int, y (B,) int or None) -> (B,C,H,W).
-    patch_size p > 1 folds each p x p patch into channels first (B, C p^2, H/p, W/p) and unfolds the output."""
+    patch_size p > 1 folds each p x p patch into channels first (B, C p^2, H/p, W/p) and unfolds the output.
+    `preconditioning` (c_in, c_xt, c_net), each (T,), makes the network's output F a mix read back as
+    eps = c_xt x_t + c_net F(c_in x_t); None: F is eps (diffusion_utils.preconditioning)."""
 
     def __init__(self, channels: int = 1, image_size: int = 28, base_channels: int = 32,
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  attention_resolutions: tuple[int, ...] = (7,), num_classes: int = 10, dropout: float = 0.0,
-                 patch_size: int = 1):
+                 patch_size: int = 1, preconditioning: tuple[torch.Tensor, ...] | None = None):
         super().__init__()
+        self.preconditioned = preconditioning is not None
+        if self.preconditioned:  # constants of the schedule, not weights: rebuilt from the config, never saved
+            for name, values in zip(("c_in", "c_xt", "c_net"), preconditioning):
+                self.register_buffer(name, values.float(), persistent=False)
         self.patch_size = patch_size
         self.factor = patch_size * 2 ** (len(channel_mults) - 1)
         assert image_size % self.factor == 0, f"image size {image_size} must divide by {self.factor}"
@@ -118,6 +128,13 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.preconditioned:
+            return self.network(x, t, y)
+        out = self.network(values_at(self.c_in, t, x) * x, t, y)
+        return values_at(self.c_xt, t, x) * x + values_at(self.c_net, t, x) * out.to(x.dtype)
+
+    def network(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The U-Net's own output F for input x."""
         assert x.shape[-1] % self.factor == 0 and x.shape[-2] % self.factor == 0, "input size must divide by the U-Net factor"
         emb = self.time_mlp(timestep_embedding(t, TIME_FREQS))
         if self.label_emb is not None:
@@ -145,15 +162,26 @@ class UNet(nn.Module):
         return F.pixel_shuffle(h, self.patch_size) if self.patch_size > 1 else h
 
 
+def output_coefficients(cfg) -> tuple[torch.Tensor, ...] | None:
+    """(c_in, c_xt, c_net) for the config's --prediction, from its schedule in float64 on the CPU (Apple's MPS has
+    no float64); None for eps."""
+    if cfg.prediction == "eps":
+        return None
+    schedule = make_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end, dtype=torch.float64)
+    return preconditioning(schedule.alpha_bar, SIGMA_DATA[cfg.prediction])
+
+
 MAX_PARAMETERS = 200_000_000  # far above any MNIST U-Net; a config past it is a mistake, not a model
 
 
 def build_model(cfg, dropout: float = 0.0) -> UNet:
     """The U-Net a ModelConfig describes. Its size is counted first on the meta device (no memory), so an absurd
     config from a file someone sent is refused before gigabytes are allocated."""
+    coefficients = output_coefficients(cfg)
+
     def make():
         return UNet(cfg.channels, cfg.image_size, cfg.base_channels, cfg.channel_mults, cfg.num_res_blocks,
-                    cfg.attention_resolutions, cfg.num_classes, dropout, cfg.patch_size)
+                    cfg.attention_resolutions, cfg.num_classes, dropout, cfg.patch_size, coefficients)
     with torch.device("meta"):
         size = sum(p.numel() for p in make().parameters())
     if size > MAX_PARAMETERS:

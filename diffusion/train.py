@@ -19,12 +19,13 @@ from diffusion.checkpoint import (FORMAT, check_room, check_same_model, check_wr
                                   find_latest, load_checkpoint, load_weights, model_config, save_checkpoint)
 from diffusion.config import LOGNORMAL_SIGMA, RunConfig, learns_unconditional, parse_interval
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
-from diffusion.diffusion_utils import diffusion_loss, lognormal_t_probs, min_snr_weights, schedule_from_config
+from diffusion.diffusion_utils import (diffusion_loss, lognormal_t_probs, min_snr_weights, schedule_from_config,
+                                      target_weights)
 from diffusion.errors import UserError, writing
 from diffusion.generation import generate, sample_labels
 from diffusion.ema import EmaTracks, beta, gamma_of
 from diffusion.logger import make_logger
-from diffusion.model import build_model
+from diffusion.model import build_model, output_coefficients
 from diffusion.recipe import choose_recipe
 from diffusion.runtime import resolve_device
 from diffusion.visuals import save_grid, save_loss_curve
@@ -149,7 +150,7 @@ class TrainingRun:
             self.opt, lr_lambda_budget(cfg.train.warmup_steps, self) if self.budget else
             lr_lambda(cfg.train.warmup_steps, cfg.train.epochs * self.steps_per_epoch))
         self.schedule = schedule_from_config(cfg.model).to(self.device)
-        self.loss_weights = min_snr_weights(self.schedule, cfg.train.min_snr_gamma) if cfg.train.min_snr_gamma else None
+        self.loss_weights = loss_weights(cfg, self.schedule)
         # made on the CPU in float64, which Apple's MPS lacks, then moved
         self.t_probs = (lognormal_t_probs(schedule_from_config(cfg.model), *LOGNORMAL_SIGMA).to(self.device)
                         if cfg.train.noise_levels == "lognormal" else None)
@@ -235,6 +236,15 @@ class TrainingRun:
         self.ema.update_parameters(self.model)
         self.ema_tracks.update(self.step + 1)
         return loss.detach()
+
+
+def loss_weights(cfg: RunConfig, schedule) -> torch.Tensor | None:
+    """Per-t weights on the eps loss: Min-SNR's when asked (it is defined on x_0's error, so it is the same for every
+    --prediction), else those that make it the unweighted loss on the network's own target; None for L_simple."""
+    if cfg.train.min_snr_gamma:
+        return min_snr_weights(schedule, cfg.train.min_snr_gamma)
+    coefficients = output_coefficients(cfg.model)
+    return None if coefficients is None else target_weights(coefficients[2]).float().to(schedule.alpha_bar.device)
 
 
 def weights_finite(*modules: torch.nn.Module) -> bool:

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from diffusion.diffusion_utils import (diffusion_loss, lognormal_t_probs, make_schedule, min_snr_weights, predict_eps,
-                                       predict_x0, q_posterior, q_sample, values_at)
+from diffusion.diffusion_utils import (diffusion_loss, lognormal_t_probs, make_schedule, min_snr_weights, preconditioning,
+                                       predict_eps, predict_x0, q_posterior, q_sample, target_weights, values_at)
 from diffusion.samplers import sample_ddpm
 
 F64 = torch.float64
@@ -154,6 +154,51 @@ def test_min_snr_weighted_loss_weighs_each_image_by_min_snr_over_snr_at_its_t():
     plain = diffusion_loss(spy, x0, s32, torch.Generator().manual_seed(1))
     assert diffusion_loss(spy, x0, s32, torch.Generator().manual_seed(1), min_snr_weights(s32, math.inf)).item() == \
         pytest.approx(plain.item(), rel=1e-6), "gamma = inf is L_simple"
+
+
+def test_v_prediction_reads_back_as_eps(s):
+    """sigma_data 1: a network answering -v = -(sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0) (Salimans & Ho 2022,
+    Sec. 4) on the unscaled x_t gives back exactly the eps that made x_t."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 1, 3, 3, generator=g, dtype=F64), torch.randn(6, 1, 3, 3, generator=g, dtype=F64)
+    t = torch.tensor([0, 1, 10, 400, 800, 999])
+    xt, ab = q_sample(x0, t, eps, s), values_at(s.alpha_bar, t, x0)
+    c_in, c_xt, c_net = (values_at(c, t, x0) for c in preconditioning(s.alpha_bar, 1.0))
+    v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    assert torch.allclose(c_in, torch.ones_like(c_in))
+    assert torch.allclose(c_xt * xt + c_net * -v, eps, atol=1e-9)
+
+
+@pytest.mark.parametrize("sigma_data", [0.62, 0.3])
+def test_edm_preconditioning_is_karras_table_1_on_the_scaled_x(s, sigma_data):
+    """EDM's own formulas in its variables, x = x_t / sqrt(alpha_bar) = x0 + sigma eps: the network sees c_in x, and
+    with F = (x0 - c_skip x) / c_out, D = c_skip x + c_out F is x0; read back as eps it is the eps that made x_t.
+    Its target F has unit variance at every noise level for data of std sigma_data."""
+    g = torch.Generator().manual_seed(1)
+    x0 = sigma_data * torch.randn(4000, 1, 1, 1, generator=g, dtype=F64)
+    eps = torch.randn(4000, 1, 1, 1, generator=g, dtype=F64)
+    for step in (0, 50, 300, 999):
+        t = torch.full((4000,), step)
+        xt, ab = q_sample(x0, t, eps, s), s.alpha_bar[step]
+        sigma, x = ((1 - ab) / ab).sqrt(), xt / ab.sqrt()
+        c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+        c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+        target = (x0 - c_skip * x) / c_out
+        c_in, c_xt, c_net = (c[step] for c in preconditioning(s.alpha_bar, sigma_data))
+        assert torch.allclose(c_in * xt, x / (sigma**2 + sigma_data**2).sqrt())
+        assert torch.allclose(c_xt * xt + c_net * target, eps, atol=1e-8)
+        assert target.std().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_target_weights_make_the_eps_loss_the_loss_on_the_network_output(s):
+    """eps_pred - eps = c_net (F_pred - F): the eps loss weighted by 1 / c_net^2 equals F's plain squared error."""
+    g = torch.Generator().manual_seed(2)
+    t = torch.tensor([0, 3, 200, 999])
+    _, c_xt, c_net = preconditioning(s.alpha_bar, 0.62)
+    xt, f_true, f_pred = (torch.randn(4, 1, 2, 2, generator=g, dtype=F64) for _ in range(3))
+    eps_of = lambda f: values_at(c_xt, t, xt) * xt + values_at(c_net, t, xt) * f  # noqa: E731
+    eps_error = (eps_of(f_pred) - eps_of(f_true)).square().flatten(1).mean(1)
+    assert torch.allclose(eps_error * target_weights(c_net)[t], (f_pred - f_true).square().flatten(1).mean(1))
 
 
 @pytest.mark.parametrize("kind,T", [("linear", 1000), ("cosine", 1000), ("linear", 4000)])

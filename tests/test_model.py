@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffusion.config import ModelConfig
-from diffusion.model import UNet, build_model, timestep_embedding
+from diffusion.model import UNet, build_model, output_coefficients, timestep_embedding
 
 
 def perturbed(model: UNet) -> UNet:
@@ -63,6 +63,22 @@ def test_a_patched_network_is_the_plain_network_on_patches():
     patches = x.reshape(3, 14, 2, 14, 2).permute(0, 2, 4, 1, 3).reshape(3, 4, 14, 14)
     out = plain(patches, t).reshape(3, 2, 2, 14, 14).permute(0, 3, 1, 4, 2).reshape(3, 1, 28, 28)
     assert torch.allclose(patched(x, t), out, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["v", "edm"])
+def test_a_preconditioned_network_returns_eps_from_its_output_and_saves_only_weights(prediction):
+    """--prediction v / edm: forward is c_xt x_t + c_net F(c_in x_t) with F the plain U-Net of the same weights; the
+    coefficients are float32 constants (MPS has no float64) rebuilt from the config, so the state dict is the eps
+    network's and a checkpoint of either loads into the other's shape."""
+    cfg = ModelConfig(base_channels=8, prediction=prediction)
+    net, plain = perturbed(build_model(cfg)), build_model(cfg.replace(prediction="eps")).eval()
+    assert net.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(net.state_dict())
+    c_in, c_xt, c_net = output_coefficients(cfg)
+    assert net.c_in.dtype == torch.float32
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 400, 999])
+    at = lambda c: c[t].float().view(-1, 1, 1, 1)  # noqa: E731
+    assert torch.allclose(net(x, t), at(c_xt) * x + at(c_net) * plain(at(c_in) * x, t), atol=1e-5)
 
 
 def test_patches_count_in_the_downsampling_factor():

@@ -247,6 +247,25 @@ def test_min_snr_gamma_weighs_the_training_loss(data_root, tmp_path):
     assert weighted < 0.9 * plain
 
 
+def test_v_prediction_trains_the_network_on_minus_v_with_unit_weight(data_root, tmp_path):
+    """A spy on the U-Net's own output F: from what it was given (c_in x_t = x_t for v, and t) and the clean batch,
+    the noise and v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 follow (Salimans & Ho 2022); the step's loss must
+    be the plain mean of (F + v)^2, not the eps loss the samplers read back."""
+    run = train_module.TrainingRun(tiny_cfg(data_root, tmp_path, "--prediction", "v", "--p-uncond", "0"))
+    seen, network = {}, run.model.network
+
+    def spy(x, t, y):
+        seen.update(xt=x.float(), t=t, out=network(x, t, y).float())
+        return seen["out"]
+    run.model.network = spy
+    x0 = run.images[:64].float() / 127.5 - 1
+    loss = run.train_step(x0, run.labels[:64]).item()
+    ab = run.schedule.alpha_bar[seen["t"]].view(-1, 1, 1, 1)
+    eps = (seen["xt"] - ab.sqrt() * x0) / (1 - ab).sqrt()
+    v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    assert loss == pytest.approx((seen["out"] + v).square().mean().item(), rel=1e-4)
+
+
 def test_keep_last_prunes_old_epoch_checkpoints(data_root, tmp_path):
     train(tiny_cfg(data_root, tmp_path, "--epochs", "4", "--keep-last", "2"))
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["epoch_003.pth", "epoch_004.pth"]
