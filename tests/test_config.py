@@ -30,7 +30,7 @@ def test_every_field_is_a_flag_that_arrives_with_its_type():
                "data_root": "/elsewhere", "ckpt_dir": "ck", "out_dir": "out", "save_every": "7steps",
                "logger": "tensorboard", "memory_format": "contiguous", "guidance_interval": (0.5, 4.0),
                "guide_checkpoint": "none", "image_size": 56, "base_channels": 40, "beta_start": 0.0002,
-               "ema_decay": 0.99, "channels": 3, "patch_size": 1, "noise_levels": "lognormal",
+               "ema_decay": 0.99, "channels": 3, "patch_size": 1, "noise_levels": "lognormal", "prediction": "v",
                "ema_lengths": (0.05, 0.1)}  # values the validation accepts
     for part, f in fields_of(*PARTS):
         default = getattr(part(), f.name)
