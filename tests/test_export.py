@@ -139,3 +139,28 @@ def test_an_export_that_fails_halfway_leaves_the_earlier_export_whole(exported, 
     monkeypatch.setattr(checkpoint, "_atomic_write", real_write)
     checkpoint.export(newer, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} != before
+
+
+def test_a_v_prediction_model_samples_the_same_from_its_checkpoint_and_its_export(data_root, tmp_path, capsys):
+    """What the network outputs is fixed by training: it travels in model_config, so an exported v-prediction model is
+    rebuilt with the same read-back to eps and draws the same pixels (read as eps it would draw others)."""
+    from tests.conftest import TINY
+    res = run_cli("diffusion.main", *TINY, "--epochs", "1", "--sample-every", "0", "--prediction", "v",
+                  "--data-root", str(data_root), "--ckpt-dir", str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    checkpoint, folder = tmp_path / "ck" / "epoch_001.pth", tmp_path / "v-model"
+    assert run_inprocess(capsys, "diffusion.export", str(folder), "--checkpoint", str(checkpoint)).returncode == 0
+    assert json.loads((folder / "config.json").read_text())["model_config"]["prediction"] == "v"
+    images = []
+    for source in (checkpoint, folder):
+        out = tmp_path / f"{source.name}.png"
+        res = run_cli("diffusion.sampling", "--checkpoint", str(source), "--digit", "1", "--output", str(out))
+        assert res.returncode == 0, res.stderr
+        images.append(png_pixels(out))
+    assert torch.equal(*images)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["model_config"]["prediction"] = "eps"
+    (folder / "config.json").write_text(json.dumps(meta))
+    res = run_cli("diffusion.sampling", "--checkpoint", str(folder), "--digit", "1", "--output", str(tmp_path / "eps.png"))
+    assert res.returncode == 0, res.stderr
+    assert not torch.equal(png_pixels(tmp_path / "eps.png"), images[0]), "the same weights read as eps draw other digits"
