@@ -68,8 +68,8 @@ def make_schedule(kind: str = "linear", T: int = 1000, beta_start: float = 1e-4,
     return Schedule(*(v.to(dtype) for v in (beta, alpha, alpha_bar, alpha_bar_prev, posterior_var)))
 
 
-def schedule_from_config(cfg) -> Schedule:
-    return make_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
+def schedule_from_config(cfg, dtype: torch.dtype = torch.float32) -> Schedule:
+    return make_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end, dtype)
 
 
 def final_alpha_bar(kind: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:

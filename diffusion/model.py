@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion.config import SIGMA_DATA
-from diffusion.diffusion_utils import make_schedule, preconditioning, values_at
+from diffusion.diffusion_utils import preconditioning, schedule_from_config, values_at
 from diffusion.errors import UserError
 
 
@@ -167,8 +167,7 @@ def output_coefficients(cfg) -> tuple[torch.Tensor, ...] | None:
     no float64); None for eps."""
     if cfg.prediction == "eps":
         return None
-    schedule = make_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end, dtype=torch.float64)
-    return preconditioning(schedule.alpha_bar, SIGMA_DATA[cfg.prediction])
+    return preconditioning(schedule_from_config(cfg, torch.float64).alpha_bar, SIGMA_DATA[cfg.prediction])
 
 
 MAX_PARAMETERS = 200_000_000  # far above any MNIST U-Net; a config past it is a mistake, not a model

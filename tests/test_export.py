@@ -10,6 +10,14 @@ from diffusion.checkpoint import load_checkpoint
 from tests.conftest import assert_clean_error, png_pixels, run_cli, run_inprocess
 
 
+def sevens_of(source: Path, tmp_path: Path) -> torch.Tensor:
+    """The pixels `python -m diffusion.sampling --checkpoint source --digit 7` draws."""
+    out = tmp_path / f"{source.name}.png"
+    res = run_cli("diffusion.sampling", "--checkpoint", str(source), "--digit", "7", "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    return png_pixels(out)
+
+
 def test_exported_folder_samples_the_same_images_as_its_checkpoint(tiny_checkpoint, tmp_path, capsys):
     folder = tmp_path / "shared-model"
     res = run_inprocess(capsys, "diffusion.export", str(folder), "--checkpoint", str(tiny_checkpoint))
@@ -25,13 +33,7 @@ def test_exported_folder_samples_the_same_images_as_its_checkpoint(tiny_checkpoi
     config = json.loads((folder / "config.json").read_text())
     assert config["model_config"] == json.loads(json.dumps(state["model_config"])) and config["step"] == state["step"]
     assert set(config) == {"format", "epoch", "step", "model_config"}, "no paths or local settings"
-    images = []
-    for source in (tiny_checkpoint, folder):
-        out = tmp_path / f"{source.name}.png"
-        res = run_cli("diffusion.sampling", "--checkpoint", str(source), "--digit", "1", "--output", str(out))
-        assert res.returncode == 0, res.stderr
-        images.append(png_pixels(out))
-    assert torch.equal(*images)
+    assert torch.equal(sevens_of(tiny_checkpoint, tmp_path), sevens_of(folder, tmp_path))
 
 
 def test_exported_folders_refuse_raw_weights_and_damage_in_one_line(tiny_checkpoint, tmp_path, capsys):
@@ -151,16 +153,9 @@ def test_a_v_prediction_model_samples_the_same_from_its_checkpoint_and_its_expor
     checkpoint, folder = tmp_path / "ck" / "epoch_001.pth", tmp_path / "v-model"
     assert run_inprocess(capsys, "diffusion.export", str(folder), "--checkpoint", str(checkpoint)).returncode == 0
     assert json.loads((folder / "config.json").read_text())["model_config"]["prediction"] == "v"
-    images = []
-    for source in (checkpoint, folder):
-        out = tmp_path / f"{source.name}.png"
-        res = run_cli("diffusion.sampling", "--checkpoint", str(source), "--digit", "1", "--output", str(out))
-        assert res.returncode == 0, res.stderr
-        images.append(png_pixels(out))
-    assert torch.equal(*images)
+    drawn = sevens_of(checkpoint, tmp_path)
+    assert torch.equal(drawn, sevens_of(folder, tmp_path))
     meta = json.loads((folder / "config.json").read_text())
     meta["model_config"]["prediction"] = "eps"
     (folder / "config.json").write_text(json.dumps(meta))
-    res = run_cli("diffusion.sampling", "--checkpoint", str(folder), "--digit", "1", "--output", str(tmp_path / "eps.png"))
-    assert res.returncode == 0, res.stderr
-    assert not torch.equal(png_pixels(tmp_path / "eps.png"), images[0]), "the same weights read as eps draw other digits"
+    assert not torch.equal(sevens_of(folder, tmp_path), drawn), "the same weights read as eps draw other digits"
