@@ -256,7 +256,8 @@ class SampleConfig(Checked):
                                     "path of the same run")
     guidance_interval: tuple = setting(None, "guide only while the noise level sigma_t = sqrt((1 - alpha_bar_t) / "
                                        "alpha_bar_t) is in (LO, HI], the conditional model elsewhere "
-                                       "(Kynkaanniemi et al. 2024) (auto: 0.15 2 with labels, 0 inf without)",
+                                       "(Kynkaanniemi et al. 2024) (auto: 0.4 5 autoguided, 0.15 2 classifier-free, "
+                                       "0 inf without labels)",
                                        kind=tuple, item=float, low=0, high=math.inf)
     resample: int = setting(None, "inpainting: how many times each step is made, re-noising in between so the new "
                             "pixels fit the kept ones (RePaint; auto: 3)", kind=int, low=1, high=100)

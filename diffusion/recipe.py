@@ -6,7 +6,7 @@ frozen Recipe, whose str() is the one line every command, the demo page and the 
 generation.generate applies a Recipe and decides nothing.
 
 The defaults below are the ones the scorecard chose (docs/results.md): autoguidance by the run's own earlier
-epoch with labels, w 2.5 and eta 3, guided only at noise levels 0.15 < sigma <= 2.
+epoch with labels, w 2.5 and eta 3, guided only at noise levels 0.4 < sigma <= 5.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class Setting:
 
 
 # what suits each guide, when the request leaves it open
-AUTOGUIDED = Setting(2.5, 3.0, (0.15, 2.0))  # labelled + an earlier epoch: sharpens without making digits alike
+AUTOGUIDED = Setting(2.5, 3.0, (0.4, 5.0))  # labelled + an earlier epoch: sharpens without making digits alike
 CLASSIFIER_FREE = Setting(2.0, 1.0, (0.15, 2.0))  # eta 3 and w 2.5 cost FD and recall with the unconditional eps
 AUTOGUIDED_UNLABELLED = Setting(2.0, 1.0, (0.0, math.inf))  # without labels guiding every noise level did best
 UNGUIDED = Setting(1.0, 1.0, (0.0, math.inf))

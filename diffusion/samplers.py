@@ -20,19 +20,30 @@ def spaced_timesteps(T: int, steps: int) -> list[int]:
     return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
 
-def logsnr_timesteps(s: Schedule, steps: int) -> list[int]:
-    """Exactly `steps` distinct indices from T-1 to 0, as evenly spaced in lambda = log(alpha/sigma) as
-    integers allow, as DPM-Solver recommends for small images: with the linear schedule uniform-in-t
-    spacing puts most of lambda's change in the last step, where the second-order correction overshoots.
+# DPM-Solver++'s grid, chosen with the scorecard at 10 steps (docs/results.md "The recipe"): above sigma 8 the
+# prediction of x0 is little more than the label's mean digit, so one step crosses it and the rest go where the
+# digit takes shape; the last network call is at sigma 0.1, whose prediction of x0 is the image
+FIRST_SIGMA = 8.0
+LAST_SIGMA = 0.1
+
+
+def logsnr_timesteps(s: Schedule, steps: int, first_sigma: float = FIRST_SIGMA,
+                     last_sigma: float = LAST_SIGMA) -> list[int]:
+    """Exactly `steps` distinct indices: T-1 (pure noise), then steps - 1 from noise level first_sigma down to
+    last_sigma (sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)), as evenly spaced in lambda = log(alpha/sigma)
+    = -log(sigma) as integers allow, as DPM-Solver recommends: uniform-in-t spacing would put most of lambda's
+    change in the last step, where the second-order correction overshoots.
 
     Computed in float64 on the CPU (Apple's MPS has no float64); the samplers get plain integers.
     """
     _check_steps(s.T, steps)
     alpha_bar = s.alpha_bar.detach().cpu().double()
     lam = 0.5 * (alpha_bar / (1 - alpha_bar)).log()  # increasing as t decreases
-    targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
-    ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1)
-    # near t = 0 several targets can share an index: keep room for the rest, then force strict descent
+    ends = -torch.tensor([first_sigma, last_sigma], dtype=torch.float64).log()
+    targets = torch.linspace(ends[0].item(), ends[1].item(), steps - 1, dtype=torch.float64) if steps > 2 else ends[1:]
+    ts = torch.cat([torch.tensor([s.T - 1]), (lam[None, :] - targets[:steps - 1, None]).abs().argmin(dim=1)])
+    # where the schedule has fewer indices than targets, neighbours share one: keep room for the rest, then force
+    # strict descent
     i = torch.arange(steps)
     ts = torch.minimum(torch.maximum(ts, steps - 1 - i), s.T - 1 - i).tolist()
     for k in range(1, steps):

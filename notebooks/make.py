@@ -211,10 +211,14 @@ assert torch.equal(frames[0][0], ddpm.clamp(-1, 1))  # the last x_t is the sampl
 
     ("""DDIM (`sample_ddim`, Song et al. 2021) and DPM-Solver++ (`sample_dpmpp`, Lu et al. 2022) use the same
 network but take 10 large steps instead of 1000: the same four digits, from the same noise. The rows are DDPM
-(1000 steps), DDIM (10) and DPM-Solver++ (10).""",
+(1000 steps), DDIM (10) and DPM-Solver++ (10). DDIM's steps are evenly spaced in t. DPM-Solver++'s first step goes
+from pure noise straight to the noise level σ = √((1 − ᾱ_t) / ᾱ_t) = 8, above which the guess x̂_0 is hardly more
+than the label's average digit, and the other nine are evenly spaced in log-SNR down to σ = 0.1.""",
      """DDIM(`sample_ddim`, Song et al. 2021)과 DPM-Solver++(`sample_dpmpp`, Lu et al. 2022)는 같은 네트워크로
 1000번 대신 10번의 큰 단계를 밟습니다. 같은 노이즈에서 같은 네 숫자를 그립니다. 행은 위에서부터 DDPM(1000단계),
-DDIM(10단계), DPM-Solver++(10단계)입니다.""",
+DDIM(10단계), DPM-Solver++(10단계)입니다. DDIM의 단계는 t에서 고른 간격입니다. DPM-Solver++는 첫 단계에서
+순수한 노이즈로부터 노이즈 수준 σ = √((1 − ᾱ_t) / ᾱ_t) = 8까지 곧장 내려갑니다. 그보다 위에서는 추측한 x̂_0이
+레이블의 평균 숫자와 거의 다르지 않기 때문입니다. 나머지 아홉 단계는 σ = 0.1까지 log-SNR에서 고른 간격입니다.""",
      """rows = [ddpm]
 for name in ("ddim", "dpmpp"):
     steps = sampler_timesteps(name, s, 10)

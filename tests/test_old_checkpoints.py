@@ -1,7 +1,9 @@
 """Checkpoints written by earlier versions still load and draw exactly the images those versions drew: format 2 (one
 flat config of every setting) and format 3 (model settings apart, before --patch-size: every pixel seen alone). The
 test takes each version's code from the repository's history, trains a tiny model with it and samples with it, then
-samples the same checkpoint with this code."""
+samples the same checkpoint with this code on the old code's grid of sampling steps (a sampling setting, which
+checkpoints do not hold)."""
+import importlib.util
 import subprocess
 import sys
 import tarfile
@@ -68,9 +70,18 @@ def test_an_old_checkpoint_loads_with_what_training_fixed(old_run):
     assert loaded.config.learned_unconditional and loaded.epoch == 1
 
 
+def old_grid(work: Path):
+    """The old code's sampler_timesteps, from its own samplers.py."""
+    spec = importlib.util.spec_from_file_location(f"old_samplers_{work.name}", work / "code" / "diffusion" / "samplers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sampler_timesteps
+
+
 @pytest.mark.parametrize("task", TASKS)
-def test_an_old_checkpoint_draws_the_images_the_old_code_drew(old_run, tmp_path, capsys, task):
+def test_an_old_checkpoint_draws_the_images_the_old_code_drew(old_run, tmp_path, capsys, monkeypatch, task):
     ckpt, work, digit, fmt = old_run
+    monkeypatch.setattr("diffusion.generation.sampler_timesteps", old_grid(work))
     out = tmp_path / f"{task}.png"
     res = run_inprocess(capsys, "diffusion.sampling", "--checkpoint", str(ckpt), *SAME, *flags(task, ckpt, digit),
                         "--output", str(out))

@@ -6,8 +6,8 @@ import torch
 
 from diffusion.diffusion_utils import make_schedule, predict_x0, q_posterior
 from diffusion.model import UNet
-from diffusion.samplers import (ddim_step, guidance_timesteps, guided, logsnr_timesteps, sample_ddim, sample_ddpm, sample_dpmpp,
-                                spaced_timesteps)
+from diffusion.samplers import (FIRST_SIGMA, LAST_SIGMA, ddim_step, guidance_timesteps, guided, logsnr_timesteps,
+                                sample_ddim, sample_ddpm, sample_dpmpp, spaced_timesteps)
 from tests.test_diffusion_utils import gaussian_oracle
 
 F64 = torch.float64
@@ -28,11 +28,17 @@ def test_spacing_starts_at_last_trained_step_and_ends_at_zero():
     assert spaced_timesteps(1000, 1000) == list(range(999, -1, -1))
 
 
-def test_logsnr_spacing_starts_at_last_step_and_never_repeats(s):
-    for steps in (5, 20, 200):
+def test_dpmpp_grid_is_one_step_to_sigma_8_then_even_in_lambda(s):
+    """T-1, then steps - 1 indices whose lambda = -log(sigma) is evenly spaced from sigma 8 to sigma 0.1, each
+    within one index's lambda of its target."""
+    lam = 0.5 * (s.alpha_bar / (1 - s.alpha_bar)).log()
+    gap = torch.cat([lam[1:] - lam[:-1], lam[-1:] - lam[-2:-1]]).abs()  # lambda from index t to its neighbour
+    for steps in (5, 10, 20, 50):
         ts = logsnr_timesteps(s, steps)
-        assert ts[0] == 999 and ts[-1] == 0 and len(ts) == len(set(ts)) and ts == sorted(ts, reverse=True)
-    assert len(logsnr_timesteps(s, 20)) == 20
+        assert ts[0] == 999 and len(set(ts)) == steps and ts == sorted(ts, reverse=True)
+        want = torch.linspace(-math.log(FIRST_SIGMA), -math.log(LAST_SIGMA), steps - 1, dtype=F64)
+        assert ((lam[ts[1:]] - want).abs() <= gap[ts[1:]]).all(), (steps, ts)
+    assert logsnr_timesteps(s, 2) == [999, logsnr_timesteps(s, 10)[-1]], "two steps: pure noise, then the last"
 
 
 @pytest.mark.parametrize("steps,tol", [(100, 0.04), (250, 0.03)])
@@ -45,10 +51,15 @@ def test_ddim_with_oracle_recovers_gaussian_data(s, steps, tol):
 
 @pytest.mark.parametrize("steps", [10, 20, 100])
 @pytest.mark.parametrize("mu,std", [(0.3, 0.5), (0.0, 0.1)])
-def test_dpmpp_with_oracle_recovers_gaussian_data(s, steps, mu, std):
-    out = sample_dpmpp(gaussian_oracle(mu, std, s), noise(), s, logsnr_timesteps(s, steps), clip_x0=False)
-    assert out.mean().item() == pytest.approx(mu, abs=0.02)
-    assert out.std().item() == pytest.approx(std, rel=0.05)
+def test_dpmpp_with_oracle_ends_at_the_posterior_mean_of_its_last_noise_level(s, steps, mu, std):
+    """The last network call is at noise level sigma_last and returns x0's prediction, E[x0 | x]: for Gaussian data
+    its std is std^2 / sqrt(std^2 + sigma_last^2). A grid down to t = 0 (sigma 0.01) returns the data's own std."""
+    sigma = ((1 - s.alpha_bar) / s.alpha_bar).sqrt()
+    for last in (LAST_SIGMA, sigma[0].item()):
+        ts = logsnr_timesteps(s, steps, last_sigma=last)
+        out = sample_dpmpp(gaussian_oracle(mu, std, s), noise(), s, ts, clip_x0=False)
+        assert out.mean().item() == pytest.approx(mu, abs=0.02)
+        assert out.std().item() == pytest.approx(std**2 / (std**2 + sigma[ts[-1]] ** 2).sqrt().item(), rel=0.05)
 
 
 def test_dpmpp_second_order_beats_first_order_at_few_steps(s):
@@ -202,7 +213,6 @@ def test_logsnr_spacing_gives_exactly_the_steps_asked(kind):
             ts = logsnr_timesteps(s, steps)
             assert len(ts) == steps and len(set(ts)) == steps, (kind, T, steps, ts)
             assert ts[0] == T - 1 and all(a > b >= 0 for a, b in zip(ts, ts[1:]))
-            assert steps == 1 or ts[-1] == 0
 
 
 def all_sampler_runs(s):
@@ -281,9 +291,9 @@ def test_dpmpp_multistep_step_matches_lu_et_al_algorithm_2(s):
     assert torch.allclose(states[2], expected, atol=1e-12)
 
 
-def test_default_sampler_guides_two_of_its_ten_steps():
-    """The README's cost claim: the default dpmpp-10 with the default interval (0.15, 2] guides only the steps at
-    sigma = 0.73 and 0.25, so a batch of 16 costs 12 network passes (8 single, 2 doubled), not 15 or 20."""
+def test_default_sampler_guides_five_of_its_ten_steps():
+    """The README's cost claim: the default dpmpp-10 with the autoguided interval (0.4, 5] guides only the steps at
+    sigma = 4.62 to 0.52, so a batch of 16 costs 15 network passes (5 single, 5 doubled), not 20."""
     from diffusion.config import ModelConfig, SampleConfig
     from diffusion.diffusion_utils import schedule_from_config
     from diffusion.recipe import AUTOGUIDED, choose_recipe
@@ -291,7 +301,8 @@ def test_default_sampler_guides_two_of_its_ten_steps():
 
     s = schedule_from_config(ModelConfig())
     cfg = choose_recipe(ModelConfig(), SampleConfig(guide_checkpoint="none", guidance=AUTOGUIDED.guidance,
-                                                    eta=AUTOGUIDED.eta), task="sample", labelled=True)
+                                                    eta=AUTOGUIDED.eta, guidance_interval=AUTOGUIDED.interval),
+                        task="sample", labelled=True)
     batches = []
 
     def spy(x, t, y):
@@ -302,4 +313,4 @@ def test_default_sampler_guides_two_of_its_ten_steps():
     sample_dpmpp(model, torch.randn(16, 1, 28, 28), s, ts, eta=cfg.eta)
     sigma = ((1 - s.alpha_bar) / s.alpha_bar).sqrt()
     guided_sigmas = [round(float(sigma[t]), 2) for t, b in zip(ts, batches) if b == 32]
-    assert guided_sigmas == [0.73, 0.25] and batches.count(16) == 8
+    assert guided_sigmas == [4.62, 2.68, 1.54, 0.89, 0.52] and batches.count(16) == 5

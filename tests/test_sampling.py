@@ -54,29 +54,29 @@ def run_folder(tmp_path):
 INF = math.inf
 # task, labelled, guide setting, epoch, model, typed flags -> sampler, steps, eta, w, interval, guide file, words
 TABLE = [
-    ("sample", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 3.0, 2.5, (0.15, 2.0), "epoch_001.pth", "autoguidance")),
-    ("sample", True, "auto", 6, LABELLED, {}, ("dpmpp", 10, 3.0, 2.5, (0.15, 2.0), "epoch_003.pth", "autoguidance")),
+    ("sample", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 3.0, 2.5, (0.4, 5.0), "epoch_001.pth", "autoguidance")),
+    ("sample", True, "auto", 6, LABELLED, {}, ("dpmpp", 10, 3.0, 2.5, (0.4, 5.0), "epoch_003.pth", "autoguidance")),
     ("sample", True, "auto", 1, LABELLED, {}, ("dpmpp", 10, 1.0, 2.0, (0.15, 2.0), None, "no earlier epoch")),
     ("sample", True, "none", 2, LABELLED, {}, ("dpmpp", 10, 1.0, 2.0, (0.15, 2.0), None, "classifier-free")),
     ("sample", False, "auto", 2, LABELLED, {}, ("dpmpp", 20, 1.0, 2.0, (0.0, INF), "epoch_001.pth", "no labels")),
     ("sample", False, "none", 2, LABELLED, {}, ("dpmpp", 20, 1.0, 1.0, (0.0, INF), None, "no guidance")),
     ("sample", True, "auto", 2, LABELLED, {"guidance": 3.0, "eta": 0.5, "sample_steps": 7},
-     ("dpmpp", 7, 0.5, 3.0, (0.15, 2.0), "epoch_001.pth", "w 3")),
-    ("sample", True, "auto", 2, LABELLED, {"guidance": 1.0}, ("dpmpp", 10, 3.0, 1.0, (0.15, 2.0), None, "conditional model")),
-    ("sample", True, "auto", 2, LABELLED, {"sampler": "ddim"}, ("ddim", 10, 1.0, 2.5, (0.15, 2.0), "epoch_001.pth", "ddim-10:1")),
+     ("dpmpp", 7, 0.5, 3.0, (0.4, 5.0), "epoch_001.pth", "w 3")),
+    ("sample", True, "auto", 2, LABELLED, {"guidance": 1.0}, ("dpmpp", 10, 3.0, 1.0, (0.4, 5.0), None, "conditional model")),
+    ("sample", True, "auto", 2, LABELLED, {"sampler": "ddim"}, ("ddim", 10, 1.0, 2.5, (0.4, 5.0), "epoch_001.pth", "ddim-10:1")),
     ("sample", True, "none", 2, LABELLED, {"sampler": "ddpm"}, ("ddpm", 1000, 1.0, 2.0, (0.15, 2.0), None, "ddpm-1000,")),
     ("sample", True, "auto", 2, LABELLED, {"guidance_interval": (0.0, INF)},
      ("dpmpp", 10, 3.0, 2.5, (0.0, INF), "epoch_001.pth", "autoguidance")),
-    ("inpaint", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 1.0, 2.5, (0.15, 2.0), "epoch_001.pth", "RePaint")),
+    ("inpaint", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 1.0, 2.5, (0.4, 5.0), "epoch_001.pth", "RePaint")),
     ("inpaint", False, "auto", 2, LABELLED, {"resample": 2}, ("dpmpp", 20, 1.0, 2.0, (0.0, INF), "epoch_001.pth", "resample 2")),
-    ("interpolate", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 0.0, 2.5, (0.15, 2.0), "epoch_001.pth", ":0,")),
+    ("interpolate", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 0.0, 2.5, (0.4, 5.0), "epoch_001.pth", ":0,")),
     ("interpolate", False, "none", 2, LABELLED, {}, ("dpmpp", 20, 0.0, 1.0, (0.0, INF), None, "no labels")),
     ("preview", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 1.0, 2.0, (0.15, 2.0), None, "preview has no earlier")),
     ("preview", True, "auto", 2, LABELLED, {"guidance": 3.0}, ("dpmpp", 10, 1.0, 3.0, (0.15, 2.0), None, "w 3")),
     ("preview", True, "auto", 2, NO_UNCOND, {}, ("dpmpp", 10, 1.0, 1.0, (0.0, INF), None, "--p-uncond 0")),
     ("sample", True, "none", 2, NO_UNCOND, {}, ("dpmpp", 10, 1.0, 1.0, (0.0, INF), None, "conditional model")),
-    ("sample", True, "auto", 2, NO_UNCOND, {}, ("dpmpp", 10, 3.0, 2.5, (0.15, 2.0), "epoch_001.pth", "autoguidance")),
-    ("sample", True, "auto", 2, ModelConfig(timesteps=8, schedule="cosine"), {}, ("dpmpp", 8, 3.0, 2.5, (0.15, 2.0), "epoch_001.pth", "-8:3")),
+    ("sample", True, "auto", 2, NO_UNCOND, {}, ("dpmpp", 10, 3.0, 2.5, (0.4, 5.0), "epoch_001.pth", "autoguidance")),
+    ("sample", True, "auto", 2, ModelConfig(timesteps=8, schedule="cosine"), {}, ("dpmpp", 8, 3.0, 2.5, (0.4, 5.0), "epoch_001.pth", "-8:3")),
 ]
 
 
@@ -136,13 +136,13 @@ def test_generate_runs_the_recipes_steps(typed, labelled, passes):
 
 @pytest.mark.parametrize("labelled", [True, False])
 def test_generate_asks_the_weak_network_at_the_guided_steps_only(run_folder, labelled):
-    """Autoguided with labels: the weak network at the 2 guided steps of 10, with the labels; without labels
+    """Autoguided with labels: the weak network at the 5 guided steps of 10, with the labels; without labels
     (every noise level, 20 steps) at all 20, with the null label."""
     recipe = choose_recipe(LABELLED, SampleConfig(), task="sample", labelled=labelled,
                            checkpoint=run_folder / epoch_name(2), epoch=2)
     net, weak = Spy(), Spy()
     generate(net, LABELLED, recipe, 4, torch.arange(4) if labelled else None, CPU, progress=False, weak=weak)
-    assert weak.calls == ([[0, 1, 2, 3]] * 2 if labelled else [[10] * 4] * 20)
+    assert weak.calls == ([[0, 1, 2, 3]] * 5 if labelled else [[10] * 4] * 20)
     assert len(net.calls) == (10 if labelled else 20)
 
 
