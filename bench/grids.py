@@ -11,6 +11,7 @@ sigma is the noise level sqrt((1 - alpha_bar) / alpha_bar); every grid starts at
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -18,16 +19,7 @@ import torch
 import diffusion.generation
 from diffusion.cli import run_cli
 from diffusion.evaluate import main as evaluate
-from diffusion.samplers import logsnr_timesteps
-
-
-def nearest_indices(s, sigmas: torch.Tensor) -> list[int]:
-    """T - 1, then the index nearest to each of sigmas[1:], strictly descending."""
-    sigma = ((1 - s.alpha_bar.double()) / s.alpha_bar.double()).sqrt()
-    ts = [s.T - 1] + [int((sigma - v).abs().argmin()) for v in sigmas[1:]]
-    for k in range(1, len(ts)):
-        ts[k] = min(ts[k], ts[k - 1] - 1)
-    return ts
+from diffusion.samplers import logsnr_timesteps, noise_levels, timesteps_at
 
 
 def grid(spec: str):
@@ -38,15 +30,15 @@ def grid(spec: str):
     def timesteps(sampler, s, steps):
         if sampler != "dpmpp":
             raise SystemExit("bench/grids.py compares DPM-Solver++ grids; leave --sampler out")
-        sigma = ((1 - s.alpha_bar.double()) / s.alpha_bar.double()).sqrt()
+        sigma = noise_levels(s)
         high, low = sigma[-1].item(), (numbers or [sigma[0].item()])[-1]
         if kind == "jump":
             ts = logsnr_timesteps(s, steps, first_sigma=numbers[0], last_sigma=numbers[1])
         elif kind == "even":
-            ts = nearest_indices(s, torch.linspace(-torch.tensor(high).log(), -torch.tensor(low).log(), steps).neg().exp())
+            ts = timesteps_at(s, torch.logspace(math.log10(high), math.log10(low), steps, dtype=torch.float64)[1:])
         elif kind == "rho":
             rho, i = numbers[0], torch.linspace(0, 1, steps, dtype=torch.float64)
-            ts = nearest_indices(s, (high ** (1 / rho) + i * (low ** (1 / rho) - high ** (1 / rho))) ** rho)
+            ts = timesteps_at(s, ((high ** (1 / rho) + i * (low ** (1 / rho) - high ** (1 / rho))) ** rho)[1:])
         else:
             raise SystemExit(f"unknown grid {spec!r}: even[:LAST], jump:FIRST,LAST or rho:RHO,LAST")
         print(f"grid {spec}: sigma " + " ".join(f"{sigma[t]:.3g}" for t in ts), file=sys.stderr)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -20,35 +21,44 @@ def spaced_timesteps(T: int, steps: int) -> list[int]:
     return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
 
-# DPM-Solver++'s grid, chosen with the scorecard at 10 steps (docs/results.md "The recipe"): above sigma 8 the
-# prediction of x0 is little more than the label's mean digit, so one step crosses it and the rest go where the
-# digit takes shape; the last network call is at sigma 0.1, whose prediction of x0 is the image
+# DPM-Solver++'s grid, chosen with the scorecard at 10 steps (docs/results.md "The grid of noise levels"): above
+# sigma 8 the prediction of x0 is little more than the label's mean digit, so one step crosses it and the rest go
+# where the digit takes shape; the last network call is at sigma 0.1, whose prediction of x0 is the image
 FIRST_SIGMA = 8.0
 LAST_SIGMA = 0.1
+
+
+def noise_levels(s: Schedule) -> torch.Tensor:
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every t, in float64 on the CPU (MPS has no float64)."""
+    alpha_bar = s.alpha_bar.detach().cpu().double()
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+def timesteps_at(s: Schedule, sigmas: torch.Tensor) -> list[int]:
+    """T-1 (pure noise), then for each noise level in `sigmas` (decreasing) the index nearest to it in log(sigma):
+    len(sigmas) + 1 distinct, descending indices. Where the schedule has fewer indices than targets, neighbours
+    would share one: each keeps room for the rest, then descent is forced."""
+    steps = len(sigmas) + 1
+    _check_steps(s.T, steps)
+    log_sigma = noise_levels(s).log()
+    nearest = (log_sigma[None, :] - sigmas.double().log()[:, None]).abs().argmin(dim=1)
+    i = torch.arange(steps)
+    ts = torch.cat([torch.tensor([s.T - 1]), nearest])
+    ts = torch.minimum(torch.maximum(ts, steps - 1 - i), s.T - 1 - i).tolist()
+    for k in range(1, steps):
+        ts[k] = min(ts[k], ts[k - 1] - 1)
+    return ts
 
 
 def logsnr_timesteps(s: Schedule, steps: int, first_sigma: float = FIRST_SIGMA,
                      last_sigma: float = LAST_SIGMA) -> list[int]:
     """Exactly `steps` distinct indices: T-1 (pure noise), then steps - 1 from noise level first_sigma down to
-    last_sigma (sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)), as evenly spaced in lambda = log(alpha/sigma)
-    = -log(sigma) as integers allow, as DPM-Solver recommends: uniform-in-t spacing would put most of lambda's
-    change in the last step, where the second-order correction overshoots.
-
-    Computed in float64 on the CPU (Apple's MPS has no float64); the samplers get plain integers.
-    """
+    last_sigma, as evenly spaced in lambda = log(alpha/sigma) = -log(sigma) as integers allow, as DPM-Solver
+    recommends: uniform-in-t spacing would put most of lambda's change in the last step, where the second-order
+    correction overshoots. Two steps: pure noise, then last_sigma."""
     _check_steps(s.T, steps)
-    alpha_bar = s.alpha_bar.detach().cpu().double()
-    lam = 0.5 * (alpha_bar / (1 - alpha_bar)).log()  # increasing as t decreases
-    ends = -torch.tensor([first_sigma, last_sigma], dtype=torch.float64).log()
-    targets = torch.linspace(ends[0].item(), ends[1].item(), steps - 1, dtype=torch.float64) if steps > 2 else ends[1:]
-    ts = torch.cat([torch.tensor([s.T - 1]), (lam[None, :] - targets[:steps - 1, None]).abs().argmin(dim=1)])
-    # where the schedule has fewer indices than targets, neighbours share one: keep room for the rest, then force
-    # strict descent
-    i = torch.arange(steps)
-    ts = torch.minimum(torch.maximum(ts, steps - 1 - i), s.T - 1 - i).tolist()
-    for k in range(1, steps):
-        ts[k] = min(ts[k], ts[k - 1] - 1)
-    return ts
+    lam = torch.linspace(-math.log(first_sigma), -math.log(last_sigma), steps - 1, dtype=torch.float64)
+    return timesteps_at(s, (-lam).exp() if steps > 2 else torch.tensor([last_sigma] * (steps - 1)))
 
 
 def ancestral_timesteps(T: int) -> list[int]:
@@ -192,6 +202,6 @@ def guided(net: torch.nn.Module, labels: torch.Tensor | None, w: float, null_lab
 
 def guidance_timesteps(s: Schedule, sigma_lo: float, sigma_hi: float) -> tuple[int, int]:
     """The t range whose noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) lies in (sigma_lo, sigma_hi]."""
-    sigma = ((1 - s.alpha_bar) / s.alpha_bar).sqrt().cpu()
+    sigma = noise_levels(s)
     inside = ((sigma > sigma_lo) & (sigma <= sigma_hi)).nonzero().flatten()
     return (int(inside[0]), int(inside[-1])) if len(inside) else (1, 0)  # (1, 0): an empty range
