@@ -63,7 +63,7 @@ def choose_precision(cfg, model_cfg, device: torch.device, model: torch.nn.Modul
     options = candidates(cfg, device)
     if len(options) == 1:
         return options[0]
-    key = cache_key(model_cfg, device, purpose, batch)
+    key = cache_key(model_cfg, device, purpose, batch, options)
     cache = read_cache()
     if key in cache:
         return Precision(**cache[key]["choice"])
@@ -163,11 +163,14 @@ def cpu_features() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()}{' ' + ' '.join(native) if native else ''}"
 
 
-def cache_key(cfg, device: torch.device, purpose: str, batch: int) -> str:
+def cache_key(cfg, device: torch.device, purpose: str, batch: int, options: list[Precision]) -> str:
+    """What decides the fastest: the machine, torch, threads, the job, the model and the candidates the flags
+    leave open (the winner among four is no answer for --amp none)."""
     model = ", ".join(f"{name}={getattr(cfg, name)}" for name in SPEED_FIELDS)
     machine = f"{cpu_name()} [{cpu_features()}]" if device.type == "cpu" else machine_name(device)
     return (f"{machine if device.type in ('cpu', 'cuda') else device.type} | torch {torch.__version__} | "
-            f"threads {torch.get_num_threads()} | {purpose} batch {batch} | {model}")
+            f"threads {torch.get_num_threads()} | {purpose} batch {batch} | {model} | "
+            f"among {', '.join(p.describe() for p in options)}")
 
 
 def cache_path() -> Path:

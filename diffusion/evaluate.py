@@ -14,10 +14,10 @@ from diffusion.checkpoint import load_network, resolve_checkpoint
 from diffusion.cli import add_generation_args, build_parser, parse, run_cli
 from diffusion.config import DataConfig, RuntimeConfig, SampleConfig
 from diffusion.dataloader import to_uint8
-from diffusion.digit_classifier import DEFAULT_PATH
+from diffusion.digit_classifier import DEFAULT_PATH, load_classifier
 from diffusion.errors import UserError
 from diffusion.generation import generate, prepare, sample_labels
-from diffusion.metrics import MIN_IMAGES, evaluate, likelihood_scores, load_samples
+from diffusion.metrics import MIN_IMAGES, check_enough, evaluate, likelihood_scores, load_samples
 from diffusion.runtime import resolve_device
 
 MAX_SCORED = 10_000  # the MNIST test set
@@ -53,12 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     loaded = None
     if args.samples:
         images = load_samples(Path(args.samples))
+        check_enough(images)
+        classifier = load_classifier(Path(args.classifier))
     else:
         loaded = load_network(resolve_checkpoint(args.checkpoint, runtime_cfg.ckpt_dir), use_ema=not args.no_ema)
         if args.bits_per_dim and not 1 <= args.strata < loaded.config.timesteps:
             raise UserError(f"--strata must be in 1..{loaded.config.timesteps - 1}, got {args.strata}")
+        classifier = load_classifier(Path(args.classifier))  # before minutes of sampling, not after them
         images = draw(loaded, args, configs[SampleConfig], runtime_cfg)
-    card, floor = evaluate(images, configs[DataConfig], Path(args.classifier), args.digit)
+    card, floor = evaluate(images, configs[DataConfig], classifier, args.digit)
     if args.bits_per_dim:
         card.update(likelihood_scores(loaded, configs[DataConfig], args.bits_per_dim, args.strata,
                                       resolve_device(runtime_cfg.device), runtime_cfg.seed))

@@ -13,7 +13,7 @@ from PIL import Image
 from diffusion.config import DataConfig
 from diffusion.dataloader import load_images, to_unit_range
 from diffusion.diffusion_utils import schedule_from_config
-from diffusion.digit_classifier import DigitCNN, load_classifier
+from diffusion.digit_classifier import DigitCNN
 from diffusion.errors import UserError
 from diffusion.likelihood import bits_per_dim
 
@@ -143,10 +143,9 @@ def real_sets(data: DataConfig, n: int, seed: int = 0):
     return test[torch.randperm(len(test), generator=g)[:n]], train[torch.randperm(len(train), generator=g)[:n]], train
 
 
-def evaluate(images: torch.Tensor, data: DataConfig, classifier: Path, digit: int | None = None) -> tuple[dict, dict]:
-    """(scorecard of the samples, scorecard of real training images at the same N)."""
+def evaluate(images: torch.Tensor, data: DataConfig, net: DigitCNN, digit: int | None = None) -> tuple[dict, dict]:
+    """(scorecard of the samples, scorecard of real training images at the same N), features from net."""
     check_enough(images)
-    net = load_classifier(classifier)
     reference, floor_images, train = real_sets(data, len(images))
     card = scorecard(net, images, reference, train, digit)
     # the floor's memorisation column: held-out test images against the training set

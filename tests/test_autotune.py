@@ -53,6 +53,8 @@ def test_the_fastest_is_chosen_said_and_cached(cache, monkeypatch, capsys):
         choose_precision(cfg, model_cfg.replace(base_channels=16), CPU, model, "train", 64)
     with pytest.raises(AssertionError):
         choose_precision(cfg, model_cfg, CPU, model, "sample", 64)
+    with pytest.raises(AssertionError):  # --amp none asks among fp32 layouts only: the bf16 winner is no answer
+        choose_precision(RuntimeConfig(amp="none"), model_cfg, CPU, model, "train", 64)
     monkeypatch.setattr(autotune, "cpu_features", lambda: "AVX512 amx_bf16")  # same name, other instructions
     with pytest.raises(AssertionError):
         choose_precision(cfg, model_cfg, CPU, model, "train", 64)
@@ -91,7 +93,7 @@ def test_native_bf16_is_read_from_the_cpus_flags(monkeypatch):
 
 
 def test_the_cache_key_names_the_vector_instructions_torch_uses():
-    key = autotune.cache_key(ModelConfig(), CPU, "train", 64)
+    key = autotune.cache_key(ModelConfig(), CPU, "train", 64, candidates(RuntimeConfig(), CPU))
     assert f"[{cpu_features()}]" in key and torch.backends.cpu.get_cpu_capability() in cpu_features()
 
 

@@ -133,6 +133,7 @@ def test_scorecard_reads_this_machines_data_root_from_the_environment(tiny_check
     from tests.conftest import run_inprocess
     seen = []
     monkeypatch.setattr(evaluate_module, "evaluate", lambda images, cfg, *a, **k: seen.append(cfg.data_root) or ({}, {}))
+    monkeypatch.setattr(evaluate_module, "load_classifier", lambda path: None)
     elsewhere = str(tmp_path / "elsewhere")
     monkeypatch.setenv("DIFFUSION_DATA_ROOT", elsewhere)
     res = run_inprocess(capsys, "diffusion.evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--json")
@@ -152,6 +153,7 @@ def test_evaluate_reports_the_bound_it_computes(tiny_checkpoint, data_root, monk
     from tests.conftest import run_inprocess
 
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: ({"n": 4}, {}))
+    monkeypatch.setattr(evaluate_module, "load_classifier", lambda path: None)
     res = run_inprocess(capsys, "diffusion.evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4", "--json",
                         "--bits-per-dim", "6", "--strata", "5", "--data-root", str(data_root), "--seed", "3")
     assert res.returncode == 0, res.stderr
@@ -168,3 +170,16 @@ def test_evaluate_reports_the_bound_it_computes(tiny_checkpoint, data_root, monk
     bad = run_inprocess(capsys, "diffusion.evaluate", "--checkpoint", str(tiny_checkpoint), "--bits-per-dim", "5",
                         "--strata", "500", "--n", "4", "--data-root", str(data_root))
     assert bad.returncode == 2 and "--strata must be in 1..49" in bad.stderr
+
+
+def test_a_missing_classifier_is_said_before_any_sampling(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """Sampling 1000 digits takes a minute: a scorecard that cannot be computed must not cost it first."""
+    import diffusion.evaluate as evaluate_module
+    from tests.conftest import assert_clean_error, run_inprocess
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before finding that there is no classifier")
+    monkeypatch.setattr(evaluate_module, "draw", no_sampling)
+    res = run_inprocess(capsys, "diffusion.evaluate", "--checkpoint", str(tiny_checkpoint), "--n", "4",
+                        "--classifier", str(tmp_path / "none.pth"))
+    assert_clean_error(res, "no classifier at")
