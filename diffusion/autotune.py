@@ -149,17 +149,27 @@ def cpu_flags() -> set[str] | None:
         return None
 
 
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: bf16 then runs emulated whatever the CPU has
+NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def bf16_flags() -> set[str]:
+    """The CPU's bf16 instructions that oneDNN may use in this process."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in NO_BF16_ISAS:
+        return set()
+    return (cpu_flags() or set()) & {"avx512_bf16", "amx_bf16"}
+
+
 def native_bf16() -> bool | None:
     """Whether this x86 CPU computes bf16 in hardware (AVX512-BF16 or AMX), or None where that is unknown."""
-    flags = cpu_flags()
-    if flags is None or platform.machine().lower() not in ("x86_64", "amd64"):
+    if cpu_flags() is None or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(bf16_flags())
 
 
 def cpu_features() -> str:
     """What decides bf16's speed on a CPU besides its name: the vector instructions torch uses and native bf16."""
-    native = sorted((cpu_flags() or set()) & {"avx512_bf16", "amx_bf16"})
+    native = sorted(bf16_flags())
     return f"{torch.backends.cpu.get_cpu_capability()}{' ' + ' '.join(native) if native else ''}"
 
 

@@ -92,6 +92,20 @@ def test_native_bf16_is_read_from_the_cpus_flags(monkeypatch):
     assert autotune.native_bf16() is None
 
 
+def test_an_isa_limit_below_bf16_counts_as_a_cpu_without_it(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon runs bf16 emulated, as on an AVX2 laptop: the same answer and the
+    same cache key as there, so the simulation times what the laptop would."""
+    monkeypatch.setattr(autotune.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(autotune, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert autotune.native_bf16() is True and "amx_bf16" in cpu_features()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert autotune.native_bf16() is False and "bf16" not in cpu_features()
+    assert not any(p.bf16 for p in candidates(RuntimeConfig(), CPU))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")  # a limit that keeps bf16
+    assert autotune.native_bf16() is True
+
+
 def test_the_cache_key_names_the_vector_instructions_torch_uses():
     key = autotune.cache_key(ModelConfig(), CPU, "train", 64, candidates(RuntimeConfig(), CPU))
     assert f"[{cpu_features()}]" in key and torch.backends.cpu.get_cpu_capability() in cpu_features()
