@@ -44,7 +44,7 @@ def parse_sampler_spec(spec: str) -> dict:
 
 SYSTEMS = ("ours", "diffusers", "lucidrains")
 DESCRIPTION = {
-    "ours": "ours: default U-Net (2x2 patches, 64/64 at 14/7, 1 block, attention at 7x7)",
+    "ours": "ours: default U-Net (2x2 patches, 32/32 at 14/7, 1 block, attention at 7x7)",
     "diffusers": "diffusers UNet2DModel (32,64,64), no attention, class embedding",
     "lucidrains": "lucidrains Unet(dim=32, dim_mults=(1,2,4)), unconditional",
 }

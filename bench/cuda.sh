@@ -4,7 +4,7 @@
 #   DIFFUSION_DATA_ROOT=DIR bash bench/cuda.sh [OUT_DIR] [SECONDS]
 #
 # In order of importance, each step cut short if the whole would pass SECONDS (default 600): the default
-# run (2 epochs), its 16-digit grid and 1000 digits, its scorecard, bench/speed.py (eager and compiled),
+# run (5 epochs), its 16-digit grid and 1000 digits, its scorecard, bench/speed.py (eager and compiled),
 # the default run again with --compile, 10 epochs of the default model and the README's larger GPU preset
 # for 2.5 minutes (--minutes), each of the last two with a scorecard and a one-row-per-digit grid. Writes log.txt and the pictures to
 # OUT_DIR (default cuda_out). The scorecard needs the classifier (python -m diffusion.classifier).
@@ -39,7 +39,7 @@ step() {  # step LIMIT_S COMMAND...: run it, cut at LIMIT_S or at what is left o
   step 90 python -m diffusion.evaluate --ckpt-dir "$WORK/default" --n 1000
 
   step 200 python bench/speed.py --data-root "$DIFFUSION_DATA_ROOT" --compile --steps 50
-  step 60 python bench/speed.py --data-root "$DIFFUSION_DATA_ROOT" --batch 1024 --steps 20 --only "ours: default (2x2 patches, 64/64 at 14/7; --amp/--memory-format auto)"
+  step 60 python bench/speed.py --data-root "$DIFFUSION_DATA_ROOT" --batch 1024 --steps 20 --only "ours: default (2x2 patches, 32/32 at 14/7; --amp/--memory-format auto)"
 
   step 150 python -m diffusion.main --compile --ckpt-dir "$WORK/compiled"
 

@@ -32,14 +32,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion.config import PAPER, DataConfig
 
 OURS = {  # name: Config overrides
-    "ours: default (2x2 patches, 64/64 at 14/7; --amp/--memory-format auto)": {},
+    "ours: default (2x2 patches, 32/32 at 14/7; --amp/--memory-format auto)": {},
     "ours: default, fp32, channels_last": {"amp": "none", "memory_format": "channels_last"},
     "ours: default, fp32, NCHW": {"amp": "none", "memory_format": "contiguous"},
     "ours: default, bf16, channels_last": {"amp": "bf16", "memory_format": "channels_last"},
     "ours: default, bf16, NCHW": {"amp": "bf16", "memory_format": "contiguous"},
     "ours: 2x2 patches, 48/96 at 14/7": {"base_channels": 48, "channel_mults": (1, 2)},
     "ours: 2x2 patches, 48/48 at 14/7": {"base_channels": 48},
-    "ours: 2x2 patches, 32/32 at 14/7": {"base_channels": 32},
+    "ours: 2x2 patches, 64/64 at 14/7 (the default before)": {"base_channels": 64},
     "ours: --paper's network (every pixel, 32/64/64 at 28/14/7)": {
         k: PAPER[k] for k in ("patch_size", "base_channels", "channel_mults")},
 }

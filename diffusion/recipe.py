@@ -109,7 +109,7 @@ def choose_recipe(model: ModelConfig, asked: SampleConfig, *, task: str, labelle
 
 def find_guide(asked: SampleConfig, task: str, checkpoint: Path | None, epoch: int | None) -> tuple[Path | None, str]:
     """(the checkpoint to autoguide with, a note on why there is none). auto: the epoch checkpoint at half the
-    loaded one's epochs in the same folder (epoch_001.pth beside epoch_002.pth), when it is on disk."""
+    loaded one's epochs in the same folder (epoch_002.pth for epoch_005.pth), when it is on disk."""
     setting = asked.guide_checkpoint
     if setting == "none":
         return None, ""

@@ -31,7 +31,7 @@ def test_output_shape_equals_input_shape(channels, size, mults):
 
 def test_default_model_is_small():
     n = sum(p.numel() for p in build_model(ModelConfig()).parameters())
-    assert 0.5e6 < n < 2e6
+    assert 0.25e6 < n < 0.35e6  # 32/32 channels: 291,748 parameters
 
 
 @torch.no_grad()

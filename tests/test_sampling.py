@@ -45,7 +45,7 @@ def test_digit_needs_a_conditional_model():
 
 @pytest.fixture
 def run_folder(tmp_path):
-    """epoch_001..003 on disk beside each other, as a 3-epoch run leaves them (the recipe only looks for files)."""
+    """epoch_001..003 and epoch_006 on disk (the recipe only looks for files)."""
     for epoch in (1, 2, 3, 6):
         (tmp_path / epoch_name(epoch)).write_bytes(b"")
     return tmp_path
@@ -55,6 +55,7 @@ INF = math.inf
 # task, labelled, guide setting, epoch, model, typed flags -> sampler, steps, eta, w, interval, guide file, words
 TABLE = [
     ("sample", True, "auto", 2, LABELLED, {}, ("dpmpp", 10, 3.0, 2.5, (0.4, 5.0), "epoch_001.pth", "autoguidance")),
+    ("sample", True, "auto", 5, LABELLED, {}, ("dpmpp", 10, 3.0, 2.5, (0.4, 5.0), "epoch_002.pth", "autoguidance")),
     ("sample", True, "auto", 6, LABELLED, {}, ("dpmpp", 10, 3.0, 2.5, (0.4, 5.0), "epoch_003.pth", "autoguidance")),
     ("sample", True, "auto", 1, LABELLED, {}, ("dpmpp", 10, 1.0, 2.0, (0.15, 2.0), None, "no earlier epoch")),
     ("sample", True, "none", 2, LABELLED, {}, ("dpmpp", 10, 1.0, 2.0, (0.15, 2.0), None, "classifier-free")),
