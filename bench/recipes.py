@@ -6,7 +6,7 @@ each with the scorecard, print a table of the mean and the per-seed values.
 
 A recipe is training flags plus sampling flags (RECIPES below). Recipes with the same training flags share
 their training runs: sampling levers are scored on the same networks. Every training lever here costs the
-same per step, so equal steps (the default two epochs) is equal wall-clock time. Trained networks are kept
+same per step, so equal steps (the default run's epochs) is equal wall-clock time. Trained networks are kept
 in OUT/train-<flags>-seed<S>, scores in OUT/scores.json, so a rerun only does what is missing.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from diffusion.config import TrainConfig
 
 OLD = ["--guidance-interval", "0", "2"]  # the default interval when the training levers were scored
 # the sampling defaults before autoguidance: classifier-free guidance w 2 at 0.15 < sigma <= 2, dpmpp-10 with eta 1
@@ -70,7 +72,7 @@ EARLIER = {  # name: (training flags, sampling flags), scored on top of BEFORE
     "eta-3-interval-0.5-2": ([], ["--eta", "3", "--guidance-interval", "0.5", "2"]),
 }
 RECIPES = {name: (train, BEFORE + sample) for name, (train, sample) in EARLIER.items()}
-RECIPES.update({  # the current sampling defaults: autoguidance by epoch_001.pth, w 2.5, dpmpp-10 with eta 3
+RECIPES.update({  # the current sampling defaults: autoguidance by the half-epochs checkpoint, w 2.5, dpmpp-10 with eta 3
     "default": ([], []),
     "autoguidance-w-2": ([], ["--guidance", "2"]),
     "autoguidance-w-3": ([], ["--guidance", "3"]),
@@ -121,7 +123,8 @@ def main() -> None:
     parser.add_argument("--data-root", required=True, help="folder holding MNIST/raw")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="recipes to score")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training and sampling seeds")
-    parser.add_argument("--epochs", type=int, default=2, help="training length of every recipe (equal steps)")
+    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs,
+                        help="training length of every recipe (equal steps; default: the default run's)")
     parser.add_argument("--n", type=int, default=1000, help="samples scored per run")
     parser.add_argument("--out", default="bench/results/recipes", help="trained networks and scores")
     parser.add_argument("--default-ckpt-dir", default=None,
