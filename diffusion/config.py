@@ -199,7 +199,7 @@ class TrainConfig(Checked):
     minutes: float = setting(0.0, "train for this many minutes instead of --epochs, with the learning rate "
                              "decaying to zero when they are spent (0 = use --epochs)", low=0, high=525_600)
     batch_size: int = setting(128, "images per step, split across processes under torchrun", low=1, high=65_536)
-    lr: float = setting(4e-3, "AdamW peak learning rate; high because the network is small", above=0, high=10)
+    lr: float = setting(3e-3, "AdamW peak learning rate; high because the network is small", above=0, high=10)
     weight_decay: float = setting(0.0, "AdamW weight decay", low=0, high=10)
     warmup_steps: int = setting(200, "steps of linear learning-rate warm-up, then cosine decay to zero",
                                 low=0, high=10**9)
