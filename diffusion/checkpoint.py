@@ -199,6 +199,21 @@ def check_same_model(saved: ModelConfig, asked: ModelConfig, path: Path) -> None
                             f"knows what it was trained on; give {flag} {value} or leave it out, or use another checkpoint")
 
 
+# what a guide must share with the network it guides: the same diffusion and labels; its width, depth and
+# output parametrisation may differ (Karras et al. 2024 guide with a smaller network)
+GUIDE_SHARES = ("image_size", "channels", "num_classes", "timesteps", "schedule", "beta_start", "beta_end",
+                "learned_unconditional")
+
+
+def check_can_guide(guide: ModelConfig, guided: ModelConfig, path: Path) -> None:
+    """One line naming the first setting of the diffusion or the labels where a guide and its network differ."""
+    for name in GUIDE_SHARES:
+        theirs, mine = getattr(guide, name), getattr(guided, name)
+        if theirs != mine:
+            raise UserError(f"{path} cannot guide this network: it was trained with {name.replace('_', ' ')} "
+                            f"{theirs}, the network with {mine}; a guide must share the diffusion and the labels")
+
+
 def load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:
     """load_state_dict after checking names, shapes and dtypes against the module, and that every weight is finite."""
     expected = module.state_dict()

@@ -253,7 +253,7 @@ class SampleConfig(Checked):
     guide_checkpoint: str = setting("auto", "what guides: auto = autoguidance (Karras et al. 2024) by the epoch "
                                     "checkpoint at half the loaded one's epochs when it is on disk, else "
                                     "classifier-free guidance; none = classifier-free guidance; or a checkpoint "
-                                    "path of the same run")
+                                    "path: any network trained on the same diffusion and labels, e.g. a smaller one")
     guidance_interval: tuple = setting(None, "guide only while the noise level sigma_t = sqrt((1 - alpha_bar_t) / "
                                        "alpha_bar_t) is in (LO, HI], the conditional model elsewhere "
                                        "(Kynkaanniemi et al. 2024) (auto: 0.4 5 autoguided, 0.15 2 classifier-free, "

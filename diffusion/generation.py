@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion.autotune import setup_runtime
-from diffusion.checkpoint import Loaded, check_same_model, load_network
+from diffusion.checkpoint import Loaded, check_can_guide, load_network
 from diffusion.config import ModelConfig, RuntimeConfig, SampleConfig
 from diffusion.diffusion_utils import schedule_from_config
 from diffusion.editing import inpaint, slerp
@@ -74,11 +74,11 @@ def generate(net: UNet, model: ModelConfig, recipe: Recipe, n: int, labels: torc
 
 
 def load_guide(recipe: Recipe, loaded: Loaded, use_ema: bool = True) -> UNet | None:
-    """The weaker network at recipe.guide, checked to be the same model as the one it guides, or None."""
+    """The weaker network at recipe.guide, checked to share the diffusion and labels of the one it guides, or None."""
     if recipe.guide is None:
         return None
     weak = load_network(recipe.guide, use_ema)
-    check_same_model(weak.config, loaded.config, recipe.guide)
+    check_can_guide(weak.config, loaded.config, recipe.guide)
     return weak.net
 
 

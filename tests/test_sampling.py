@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffusion.checkpoint import epoch_name
+from diffusion.checkpoint import check_can_guide, epoch_name
 from diffusion.config import ModelConfig, SampleConfig
 from diffusion.errors import UserError
 from diffusion.generation import generate, sample_labels
@@ -20,6 +20,16 @@ def test_default_labels_cover_every_class_equally_in_random_order():
     assert torch.equal(torch.bincount(labels, minlength=10), torch.full((10,), 2))
     assert not torch.equal(labels, torch.arange(20) % 10)
     assert torch.equal(labels, sample_labels(LABELLED, 20, seed=1))
+
+
+def test_a_smaller_network_can_guide_but_not_one_of_another_diffusion():
+    smaller = ModelConfig(base_channels=16, channel_mults=(1,), attention_resolutions=(14,), prediction="v")
+    check_can_guide(smaller, LABELLED, "guide.pth")  # another width, depth and output: still the same eps
+    for other, needle in ((ModelConfig(timesteps=500), "timesteps 500"), (ModelConfig(schedule="cosine"), "schedule"),
+                          (ModelConfig(beta_end=0.03), "beta end"), (ModelConfig(num_classes=0), "num classes 0"),
+                          (NO_UNCOND, "learned unconditional")):
+        with pytest.raises(UserError, match=needle):
+            check_can_guide(other, LABELLED, "guide.pth")
 
 
 def test_digit_rows_and_unconditional():
