@@ -14,6 +14,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,8 +73,10 @@ def choose_precision(cfg, model_cfg, device: torch.device, model: torch.nn.Modul
     write_cache(key, {"choice": best.__dict__, "seconds": {p.describe(): round(s, 4) for p, s in seconds.items()}})
     if verbose:
         others = ", ".join(f"{p.describe()} {s:.3f}" for p, s in seconds.items() if p != best)
+        # on stderr, beside the progress bars: stdout holds what a command reports (evaluate --json's JSON)
         print(f"{purpose} precision: {best.describe()}, the fastest here ({seconds[best]:.3f} s per step of "
-              f"{batch}; {others}); measured once for {machine_name(device)}, cached in {cache_path()}")
+              f"{batch}; {others}); measured once for {machine_name(device)}, cached in {cache_path()}",
+              file=sys.stderr)
     return best
 
 

@@ -41,7 +41,7 @@ def test_the_fastest_is_chosen_said_and_cached(cache, monkeypatch, capsys):
     cfg, model_cfg = RuntimeConfig(), ModelConfig()
     model = build_model(model_cfg)
     assert choose_precision(cfg, model_cfg, CPU, model, "train", 64) == Precision(True, False)
-    line = capsys.readouterr().out
+    line = capsys.readouterr().err  # stdout is for what the command reports (evaluate --json)
     assert "bf16 + NCHW, the fastest here" in line and "fp32 + channels_last 0.300" in line and str(cache) in line
     assert cache.exists()
 
