@@ -112,8 +112,9 @@ class TrainingRun:
     """Everything a training run owns: model, EMA, optimizer, schedule, data and counters."""
 
     def __init__(self, cfg: RunConfig, rank: int = 0, world: int = 1, device: torch.device | None = None,
-                 model: torch.nn.Module | None = None):
-        """`model` replaces the config's U-Net (any net with eps = net(x, t, labels)); the benchmarks use it."""
+                 model: torch.nn.Module | None = None, resume: Path | None = None):
+        """`model` replaces the config's U-Net (any net with eps = net(x, t, labels)); the benchmarks use it.
+        `resume`, a checkpoint to continue, is read and checked against the config here; load() applies it."""
         self.rank, self.world = rank, world
         self.device = device or resolve_device(cfg.runtime.device)
         self.images, self.labels = load_images(cfg.data, train=True, image_size=cfg.model.image_size)
@@ -122,6 +123,10 @@ class TrainingRun:
             shape["num_classes"] = 0
         shape["learned_unconditional"] = learns_unconditional(shape["num_classes"], cfg.train.p_uncond)
         self.cfg = cfg = cfg.replace(model=cfg.model.replace(**shape))
+        # a checkpoint of another network is refused before the precision timing and any step
+        self.resume_path, self.resumed = resume, None if resume is None else load_checkpoint(resume, self.device)
+        if resume is not None:
+            check_same_model(model_config(self.resumed, resume), cfg.model, resume)
         # the preview's recipe, chosen now: a setting it refuses stops the run before any training
         self.preview_recipe = choose_recipe(cfg.model, cfg.sample, task="preview", labelled=cfg.model.num_classes > 0)
         self.preview_runtime = None
@@ -185,9 +190,9 @@ class TrainingRun:
                 "model_config": self.cfg.model.to_dict(), "train_config": self.cfg.train.to_dict(),
                 "data_config": self.cfg.data.to_dict()}
 
-    def load(self, path: Path) -> None:
-        state = load_checkpoint(path, self.device)
-        check_same_model(model_config(state, path), self.cfg.model, path)
+    def load(self) -> None:
+        """Continue from the checkpoint given as `resume` (read and checked when the run was made)."""
+        state, path = self.resumed, self.resume_path
         load_weights(self.model, state["model"], path)
         load_weights(self.ema.module, state["ema"], path)
         try:
@@ -203,6 +208,7 @@ class TrainingRun:
             self.trained_seconds = state.get("trained_seconds", 0.0)
         except (KeyError, ValueError, RuntimeError) as err:
             raise UserError(f"{path} cannot resume training (it lacks or mismatches optimizer state: {err})") from None
+        self.resumed = None  # what it held now lives in the model, the optimizer and the counters
 
     def save(self, name: str) -> Path:
         """Write a checkpoint unless the weights went non-finite (then the last good one stays `latest`)."""
@@ -410,12 +416,12 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainingRun:
     for folder, what in ((cfg.runtime.ckpt_dir, "--ckpt-dir"), (cfg.runtime.out_dir, "--out-dir")):
         check_writable_folder(Path(folder), what)  # before any step is spent
     rank, world, device = setup_distributed(cfg)
-    run = TrainingRun(cfg, rank, world, device)
+    path = find_latest(Path(cfg.runtime.ckpt_dir)) if resume == "latest" else Path(resume) if resume else None
+    run = TrainingRun(cfg, rank, world, device, resume=path)
     if rank == 0:
         check_room(Path(cfg.runtime.ckpt_dir), run.model, "--ckpt-dir")
-    path = find_latest(Path(cfg.runtime.ckpt_dir)) if resume == "latest" else Path(resume) if resume else None
     if path:
-        run.load(path)
+        run.load()
         if rank == 0:
             print(f"resumed from {path} at epoch {run.epoch}, step {run.step}")
     elif resume and rank == 0:
