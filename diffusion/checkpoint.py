@@ -201,17 +201,20 @@ def check_same_model(saved: ModelConfig, asked: ModelConfig, path: Path) -> None
 
 # what a guide must share with the network it guides: the same diffusion and labels; its width, depth and
 # output parametrisation may differ (Karras et al. 2024 guide with a smaller network)
-GUIDE_SHARES = ("image_size", "channels", "num_classes", "timesteps", "schedule", "beta_start", "beta_end",
-                "learned_unconditional")
+GUIDE_SHARES = ("image_size", "channels", "num_classes", "timesteps", "schedule", "beta_start", "beta_end")
 
 
-def check_can_guide(guide: ModelConfig, guided: ModelConfig, path: Path) -> None:
-    """One line naming the first setting of the diffusion or the labels where a guide and its network differ."""
+def check_can_guide(guide: ModelConfig, guided: ModelConfig, path: Path, labelled: bool = True) -> None:
+    """One line naming the first setting of the diffusion or the labels where a guide and its network differ;
+    without labels the guide is asked for eps with the null label, so it must have learned it."""
     for name in GUIDE_SHARES:
         theirs, mine = getattr(guide, name), getattr(guided, name)
         if theirs != mine:
             raise UserError(f"{path} cannot guide this network: it was trained with {name.replace('_', ' ')} "
                             f"{theirs}, the network with {mine}; a guide must share the diffusion and the labels")
+    if not labelled and not guide.learned_unconditional:
+        raise UserError(f"{path} cannot guide sampling without labels: it was trained with --p-uncond 0, so it has "
+                        f"no eps without a label")
 
 
 def load_weights(module: torch.nn.Module, weights: dict, path: Path) -> None:

@@ -78,7 +78,7 @@ def load_guide(recipe: Recipe, loaded: Loaded, use_ema: bool = True) -> UNet | N
     if recipe.guide is None:
         return None
     weak = load_network(recipe.guide, use_ema)
-    check_can_guide(weak.config, loaded.config, recipe.guide)
+    check_can_guide(weak.config, loaded.config, recipe.guide, recipe.labelled)
     return weak.net
 
 

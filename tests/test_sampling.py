@@ -26,10 +26,12 @@ def test_a_smaller_network_can_guide_but_not_one_of_another_diffusion():
     smaller = ModelConfig(base_channels=16, channel_mults=(1,), attention_resolutions=(14,), prediction="v")
     check_can_guide(smaller, LABELLED, "guide.pth")  # another width, depth and output: still the same eps
     for other, needle in ((ModelConfig(timesteps=500), "timesteps 500"), (ModelConfig(schedule="cosine"), "schedule"),
-                          (ModelConfig(beta_end=0.03), "beta end"), (ModelConfig(num_classes=0), "num classes 0"),
-                          (NO_UNCOND, "learned unconditional")):
+                          (ModelConfig(beta_end=0.03), "beta end"), (ModelConfig(num_classes=0), "num classes 0")):
         with pytest.raises(UserError, match=needle):
             check_can_guide(other, LABELLED, "guide.pth")
+    check_can_guide(NO_UNCOND, LABELLED, "guide.pth")  # with labels it is only asked for labelled eps
+    with pytest.raises(UserError, match="without labels: it was trained with --p-uncond 0"):
+        check_can_guide(NO_UNCOND, LABELLED, "guide.pth", labelled=False)
 
 
 def test_digit_rows_and_unconditional():
