@@ -176,6 +176,26 @@ def test_exported_pair_reproduces_the_autoguided_default(trained, tmp_path):
     assert np.array_equal(np.load(tmp_path / "pair.npy"), np.load(tmp_path / "auto.npy"))
 
 
+def test_a_smaller_network_guides_through_the_command(trained, tmp_path, data_root):
+    """--guide-checkpoint takes a network of another width and depth on the same diffusion (Karras et al. 2024's
+    smaller guide): its images differ from the run's own guide's; one of another diffusion is one error line."""
+    ck = trained[0] / "ck"
+    for name, flags in (("small", ["--channel-mults", "1"]), ("other", ["--channel-mults", "1", "--timesteps", "40"])):
+        res = run_cli("diffusion.main", *TINY, *flags, "--epochs", "1", "--sample-every", "0", "--data-root",
+                      str(data_root), "--ckpt-dir", str(tmp_path / name), "--out-dir", str(tmp_path / "out"))
+        assert res.returncode == 0, res.stderr
+    runs = {name: run_cli("diffusion.sampling", "--ckpt-dir", str(ck), "--num-images", "4", *flags,
+                          "--output", str(tmp_path / f"{name}.png"), "--npy", str(tmp_path / f"{name}.npy"))
+            for name, flags in (("own", []), ("small", ["--guide-checkpoint", str(tmp_path / "small" / "epoch_001.pth")]))}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
+    assert "autoguidance by epoch_001.pth, w 2.5" in runs["small"].stdout
+    assert not np.array_equal(np.load(tmp_path / "own.npy"), np.load(tmp_path / "small.npy"))
+    other = run_cli("diffusion.sampling", "--ckpt-dir", str(ck), "--guide-checkpoint",
+                    str(tmp_path / "other" / "epoch_001.pth"), "--output", str(tmp_path / "o.png"))
+    assert other.returncode == 2 and "cannot guide this network: it was trained with timesteps 40" in other.stderr
+    assert "Traceback" not in other.stderr
+
+
 def test_the_papers_ddpm_is_one_command_that_says_what_it_is(trained, tmp_path):
     ck = str(trained[0] / "ck")
     paper = run_cli("diffusion.sampling", "--ckpt-dir", ck, "--paper", "--num-images", "4",
