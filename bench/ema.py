@@ -12,16 +12,15 @@ so autoguidance's guide (the earlier epoch) averages its weights the same way as
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 from diffusion.checkpoint import load_checkpoint
+
+from scorecard import scorecard  # bench/scorecard.py, beside this script
 
 DEFAULT = "default"  # the EMA that sampling uses: --ema-decay with its warm-up
 
@@ -41,12 +40,8 @@ def with_ema(run: Path, track: str, folder: Path, guide_only: bool = False) -> P
 def score(run: Path, track: str, seed: int, args) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         last = with_ema(run, track, Path(scratch), args.guide_only)
-        proc = subprocess.run([sys.executable, "-m", "diffusion.evaluate", "--data-root", args.data_root,
-                               "--checkpoint", str(last), "--n", str(args.n), "--seed", str(seed), "--json",
-                               *args.sampling], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"evaluate failed on {run} ({track}): {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout)
+        return scorecard("--data-root", args.data_root, "--checkpoint", str(last), "--n", str(args.n),
+                         "--seed", str(seed), *args.sampling)
 
 
 def main() -> None:
@@ -61,7 +56,7 @@ def main() -> None:
     runs = [Path(r) for r in args.runs]
     latest = max(runs[0].glob("epoch_*.pth"))
     tracks = [DEFAULT, *load_checkpoint(latest)["ema_tracks"]]
-    print(f"| EMA | FD | precision | recall | per run (FD / precision / recall) |\n| --- | --- | --- | --- | --- |")
+    print("| EMA | FD | precision | recall | per run (FD / precision / recall) |\n| --- | --- | --- | --- | --- |")
     for track in tracks:
         scores = [score(run, track, seed, args) for seed, run in enumerate(runs)]
         samples = [s["samples"] for s in scores]

@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from diffusion.checkpoint import load_checkpoint
 from diffusion.config import SampleConfig
 
-
-def run(args: list[str]) -> str:
-    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return proc.stdout
+from scorecard import run, scorecard  # bench/scorecard.py, beside this script
 
 
 def train_and_score(minutes: float, args) -> dict:
@@ -39,8 +32,7 @@ def train_and_score(minutes: float, args) -> dict:
     if cached.get("key") == key:
         scores = cached["scores"]
     else:
-        scores = json.loads(run(["diffusion.evaluate", "--data-root", args.data_root, "--ckpt-dir", str(folder),
-                                 "--n", str(args.n), "--json"]))
+        scores = scorecard("--data-root", args.data_root, "--ckpt-dir", str(folder), "--n", str(args.n))
         cache.write_text(json.dumps({"key": key, "scores": scores}))
     row = {"minutes": minutes, "steps": load_checkpoint(folder / "final.pth")["step"], **scores}
     print(f"{minutes:g} min, {row['steps']} steps: FD {row['samples']['fd']:.1f} (floor {row['real_floor']['fd']:.1f}), "

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 from diffusion.config import TrainConfig
+
+from scorecard import run, scorecard  # bench/scorecard.py, beside this script
 
 OLD = ["--guidance-interval", "0", "2"]  # the default interval when the training levers were scored
 # the sampling defaults before autoguidance: classifier-free guidance w 2 at 0.15 < sigma <= 2, dpmpp-10 with eta 1
@@ -85,13 +85,6 @@ RECIPES.update({  # the current sampling defaults: autoguidance by the half-epoc
 })
 
 
-def run(args: list[str]) -> str:
-    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return proc.stdout
-
-
 def trained(train_flags: list[str], seed: int, args) -> Path:
     folder = Path(args.out) / ("train-" + ("_".join(f.strip("-") for f in train_flags) or "default") + f"-seed{seed}")
     if args.default_ckpt_dir and not train_flags and seed == 0:
@@ -109,8 +102,8 @@ def score(name: str, seed: int, args, scores: dict) -> dict:
     if key not in scores:
         train_flags, sample_flags = RECIPES[name]
         folder = trained(train_flags, seed, args)
-        scores[key] = json.loads(run(["diffusion.evaluate", "--data-root", args.data_root, "--ckpt-dir", str(folder),
-                                      "--n", str(args.n), "--seed", str(seed), "--json", *sample_flags]))
+        scores[key] = scorecard("--data-root", args.data_root, "--ckpt-dir", str(folder), "--n", str(args.n),
+                                "--seed", str(seed), *sample_flags)
         (Path(args.out) / "scores.json").write_text(json.dumps(scores, indent=1))
     s = scores[key]["samples"]
     print(f"{name:16s} seed {seed}: FD {s['fd']:6.1f}  precision {s['precision']:.3f}  recall {s['recall']:.3f}",

@@ -13,23 +13,18 @@ score: the standard deviation over sampling seeds of the same network, pooled ov
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from scorecard import scorecard  # bench/scorecard.py, beside this script
 
 KEYS = ("fd", "precision", "recall")
 
 
 def score(run: Path, seed: int, flags: list[str], args) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "diffusion.evaluate", "--data-root", args.data_root, "--ckpt-dir",
-                           str(run), "--n", str(args.n), "--seed", str(seed), "--json", *flags],
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"evaluate failed on {run} {shlex.join(flags)}: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout)
+    return scorecard("--data-root", args.data_root, "--ckpt-dir", str(run), "--n", str(args.n), "--seed", str(seed),
+                     *flags)
 
 
 def main() -> None:

@@ -124,8 +124,9 @@ class TrainingRun:
         shape["learned_unconditional"] = learns_unconditional(shape["num_classes"], cfg.train.p_uncond)
         self.cfg = cfg = cfg.replace(model=cfg.model.replace(**shape))
         # a checkpoint of another network is refused before the precision timing and any step
-        self.resume_path, self.resumed = resume, None if resume is None else load_checkpoint(resume, self.device)
+        self.resume_path, self.resumed = resume, None
         if resume is not None:
+            self.resumed = load_checkpoint(resume, self.device)
             check_same_model(model_config(self.resumed, resume), cfg.model, resume)
         # the preview's recipe, chosen now: a setting it refuses stops the run before any training
         self.preview_recipe = choose_recipe(cfg.model, cfg.sample, task="preview", labelled=cfg.model.num_classes > 0)
