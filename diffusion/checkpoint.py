@@ -29,7 +29,7 @@ LATEST = "latest"  # a text file holding the name of the newest checkpoint
 # 5: prediction; 4: patch_size; 3: model_config apart from training settings; 2: one flat config; 1: linear betas
 # not scaled to T
 FORMAT = 5
-UNSAVED_DEFAULTS = {"patch_size": 1, "prediction": "eps"}  # what a model saved before each setting existed was
+UNSAVED_DEFAULTS = {"patch_size": 1, "prediction": "eps", "schedule": "linear"}  # what a model saved without them had
 REQUIRED_KEYS = ("model", "ema", "epoch", "step")
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder
 MAX_CONFIG_BYTES = 100_000

@@ -65,14 +65,18 @@ def show(images, nrow, title=None, scale=1.0):
 
 DDPM adds noise in T = 1000 small steps. Step t adds variance β_t; ᾱ_t = ∏ (1 − β_s) is how much of the
 digit's signal survives to step t, and SNR_t = ᾱ_t / (1 − ᾱ_t) compares signal to noise. The paper's schedule
-is linear in β (1e-4 to 0.02); the cosine schedule (Nichol & Dhariwal 2021) destroys the digit more slowly.
+is linear in β (1e-4 to 0.02); the cosine schedule (Nichol & Dhariwal 2021) destroys the digit more slowly,
+so fewer steps are spent where the digit is already gone. `python -m diffusion.main` trains with the cosine
+schedule, `--schedule linear` (and `--paper`) with the paper's; the cells below use the paper's.
 
 In the code t is **0-indexed**: index 0 is the paper's t = 1 and index T − 1 is the paper's t = T.""",
      """## 1. 노이즈 스케줄 (`diffusion/diffusion_utils.py`: `make_schedule`)
 
 DDPM은 T = 1000번의 작은 단계로 노이즈를 더합니다. 단계 t는 분산 β_t를 더합니다. ᾱ_t = ∏ (1 − β_s)는 숫자의
 신호가 단계 t까지 얼마나 남는지이고, SNR_t = ᾱ_t / (1 − ᾱ_t)는 신호와 노이즈의 비입니다. 논문의 스케줄은 β가
-선형(1e-4에서 0.02)이고, 코사인 스케줄(Nichol & Dhariwal 2021)은 숫자를 더 천천히 지웁니다.
+선형(1e-4에서 0.02)이고, 코사인 스케줄(Nichol & Dhariwal 2021)은 숫자를 더 천천히 지웁니다. 그래서 숫자가
+이미 사라진 단계에 쓰는 학습이 줄어듭니다. `python -m diffusion.main`은 코사인 스케줄로 학습하고,
+`--schedule linear`(그리고 `--paper`)는 논문의 스케줄로 학습합니다. 아래 셀은 논문의 스케줄을 씁니다.
 
 코드에서 t는 **0부터 셉니다**. 인덱스 0이 논문의 t = 1이고, 인덱스 T − 1이 논문의 t = T입니다.""",
      """T = 1000

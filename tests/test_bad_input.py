@@ -110,7 +110,7 @@ def test_bad_checkpoint_files(ckpt, tmp_path, kind, needle, capsys):
 
 @pytest.mark.parametrize("flags,needle", [
     (["--base-channels", "16"], "--base-channels 8"), (["--timesteps", "100"], "--timesteps 50"),
-    (["--schedule", "cosine"], "--schedule linear"),
+    (["--schedule", "linear"], "--schedule cosine"),
 ])
 def test_resume_with_another_architecture_or_noise_schedule_is_refused(ckpt, tmp_path, data_root, capsys, flags, needle):
     res = run_inprocess(capsys, "diffusion.main", *TINY, *flags, "--data-root", str(data_root),
@@ -120,8 +120,11 @@ def test_resume_with_another_architecture_or_noise_schedule_is_refused(ckpt, tmp
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--timesteps", "20"], "too few for the linear schedule"), (["--timesteps", "10"], "too few"),
-    (["--beta-end", "0.004"], "alpha_bar_T"), (["--save-every", "5"], "--save-every"),
+    (["--schedule", "linear", "--timesteps", "20"], "too few for the linear schedule"),
+    (["--schedule", "linear", "--timesteps", "10"], "too few"),
+    (["--schedule", "linear", "--beta-end", "0.004"], "alpha_bar_T"),
+    (["--beta-end", "0.03"], "add --schedule linear"), (["--beta-start", "2e-4"], "add --schedule linear"),
+    (["--save-every", "5"], "--save-every"),
     (["--save-every=-3min"], "--save-every"), (["--save-every", "tomorrow"], "--save-every"),
 ])
 def test_settings_that_would_train_the_wrong_thing(flags, needle, capsys):

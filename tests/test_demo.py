@@ -220,7 +220,7 @@ def test_the_noise_tab_shows_q_sample_from_the_digit_to_noise(browser, server, d
     browser.find_element("id", "load-test").click()
     wait.until(lambda b: "test digit 7" in b.find_element("id", "upload-message").text)
     images, _ = load_images(DataConfig(data_root=str(data_root)), train=False)
-    schedule = make_schedule("linear", 50)  # the tiny checkpoint's T
+    schedule = make_schedule("cosine", 50)  # the tiny checkpoint's schedule and T
     for t in (0, 25, 49):
         browser.execute_script(f"const s = document.getElementById('t'); s.value = {t}; s.oninput();")
         wait.until(lambda b: b.find_element("id", "forward-image").get_attribute("data-t") == str(t))

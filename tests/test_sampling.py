@@ -89,7 +89,7 @@ TABLE = [
     ("preview", True, "auto", 2, NO_UNCOND, {}, ("dpmpp", 10, 1.0, 1.0, (0.0, INF), None, "--p-uncond 0")),
     ("sample", True, "none", 2, NO_UNCOND, {}, ("dpmpp", 10, 1.0, 1.0, (0.0, INF), None, "conditional model")),
     ("sample", True, "auto", 2, NO_UNCOND, {}, ("dpmpp", 10, 3.0, 2.5, (0.4, 5.0), "epoch_001.pth", "autoguidance")),
-    ("sample", True, "auto", 2, ModelConfig(timesteps=8, schedule="cosine"), {}, ("dpmpp", 8, 3.0, 2.5, (0.4, 5.0), "epoch_001.pth", "-8:3")),
+    ("sample", True, "auto", 2, ModelConfig(timesteps=8, schedule="linear"), {}, ("dpmpp", 8, 3.0, 2.5, (0.4, 5.0), "epoch_001.pth", "-8:3")),
 ]
 
 
