@@ -313,4 +313,5 @@ def test_default_sampler_guides_five_of_its_ten_steps():
     sample_dpmpp(model, torch.randn(16, 1, 28, 28), s, ts, eta=cfg.eta)
     sigma = ((1 - s.alpha_bar) / s.alpha_bar).sqrt()
     guided_sigmas = [round(float(sigma[t]), 2) for t, b in zip(ts, batches) if b == 32]
-    assert guided_sigmas == [4.62, 2.68, 1.54, 0.89, 0.52] and batches.count(16) == 5
+    # the grid's sigmas, rounded to integer t of the (cosine) schedule; the linear schedule's t move them by 0.01
+    assert guided_sigmas == pytest.approx([4.62, 2.68, 1.54, 0.89, 0.52], abs=0.015) and batches.count(16) == 5
