@@ -215,11 +215,11 @@ def test_paper_sets_the_papers_ddpm_and_flags_beside_it_win():
     from diffusion.main import parse_run
     _, cfg = parse_run(["--paper"])
     assert {k: getattr(cfg.model if hasattr(cfg.model, k) else cfg.train, k) for k in PAPER} == PAPER
-    assert (cfg.model.num_classes, cfg.model.prediction, cfg.model.patch_size, cfg.train.noise_levels) == \
-        (0, "eps", 1, "uniform")
+    assert (cfg.model.num_classes, cfg.model.schedule, cfg.model.prediction, cfg.model.patch_size,
+            cfg.train.noise_levels) == (0, "linear", "eps", 1, "uniform")
     assert (cfg.model.base_channels, cfg.train.epochs) == (32, 2), "--paper keeps the run this project first trained"
     _, cfg = parse_run(["--paper", "--base-channels", "16", "--noise-levels", "lognormal"])
     assert (cfg.model.base_channels, cfg.model.patch_size, cfg.train.noise_levels) == (16, 1, "lognormal")
     _, plain = parse_run([])
-    assert (plain.model.patch_size, plain.model.num_classes) == (2, 10)
+    assert (plain.model.patch_size, plain.model.num_classes, plain.model.schedule) == (2, 10, "cosine")
     assert (plain.model.base_channels, plain.model.channel_mults, plain.train.epochs) == (32, (1, 1), 5)

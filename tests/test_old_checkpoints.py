@@ -67,7 +67,16 @@ def test_an_old_checkpoint_loads_with_what_training_fixed(old_run):
     loaded = load_network(old_run[0])
     assert (loaded.config.base_channels, loaded.config.channel_mults, loaded.config.timesteps) == (8, (1,), 50)
     assert loaded.config.patch_size == 1, "before --patch-size, the network saw every pixel"
+    assert loaded.config.schedule == "linear", "trained when linear was the default, and it says so"
     assert loaded.config.learned_unconditional and loaded.epoch == 1
+
+
+def test_a_saved_model_without_a_schedule_was_linear():
+    from diffusion.checkpoint import model_config
+    from diffusion.config import ModelConfig
+    values = {k: v for k, v in ModelConfig().to_dict().items() if k != "schedule"}
+    assert ModelConfig().schedule == "cosine" and model_config({"model_config": values}, "old.pth").schedule == "linear"
+    assert model_config({"config": values}, "old.pth").schedule == "linear"  # format 2's flat dict
 
 
 def old_grid(work: Path):
