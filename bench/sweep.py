@@ -7,7 +7,8 @@ each with several sampling seeds, with the scorecard of diffusion.evaluate, and 
 
 Run k is scored with sampling seeds k, k + 100, ... (the first is what `evaluate --seed k` scores), so every
 setting sees the same noise: the differences between settings are not sampling noise. A setting is a string of
-evaluate's flags; "" is the default recipe. With two or more sampling seeds the last column is the spread of one
+evaluate's flags; "" is the default recipe, and {run} stands for each run's folder (e.g. "--guide-checkpoint
+{run}/epoch_003.pth"). With two or more sampling seeds the last column is the spread of one
 score: the standard deviation over sampling seeds of the same network, pooled over the runs.
 """
 from __future__ import annotations
@@ -38,9 +39,9 @@ def main() -> None:
     print("| setting | FD | precision | recall | per run, mean over its seeds (FD / precision / recall) "
           "| spread of one score |\n| --- | --- | --- | --- | --- | --- |")
     for setting in args.settings:
-        flags = shlex.split(setting)
         per_run, variance = [], {key: [] for key in KEYS}
         for k, run in enumerate(map(Path, args.runs)):
+            flags = shlex.split(setting.replace("{run}", str(run)))
             cards = [score(run, k + 100 * i, flags, args)["samples"] for i in range(args.sampling_seeds)]
             per_run.append({key: statistics.fmean(c[key] for c in cards) for key in KEYS})
             for key in KEYS:
