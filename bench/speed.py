@@ -41,6 +41,7 @@ OURS = {  # name: Config overrides
     "ours: 2x2 patches, 48/48 at 14/7": {"base_channels": 48},
     "ours: 2x2 patches, 40/40 at 14/7": {"base_channels": 40},
     "ours: 2x2 patches, 32/64 at 14/7": {"channel_mults": (1, 2)},
+    "ours: 2x2 patches, 32/32, attention at 14 and 7": {"attention_resolutions": (14, 7)},
     "ours: 2x2 patches, 64/64 at 14/7 (the default before)": {"base_channels": 64},
     "ours: --paper's network (every pixel, 32/64/64 at 28/14/7)": {
         k: PAPER[k] for k in ("patch_size", "base_channels", "channel_mults")},
