@@ -27,10 +27,11 @@ DATASETS = ("mnist", "fashion-mnist", "folder")
 AMP_MODES = ("auto", "bf16", "none")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 LOGGERS = ("none", "tensorboard")
-NOISE_LEVELS = ("uniform", "lognormal")
+NOISE_LEVELS = ("uniform", "lognormal", "mixed")
 PREDICTIONS = ("eps", "v", "edm")
 SIGMA_DATA = {"v": 1.0, "edm": 0.62}  # the data std each output mix assumes: v's is 1; MNIST's in [-1, 1] is 0.62
 LOGNORMAL_SIGMA = (-0.98, 1.2)  # mean and std of ln sigma: EDM's (-1.2, 1.2) at sigma_data 0.5, moved by ln(0.62 / 0.5)
+MIXED_LOGNORMAL_SHARE = 0.5  # --noise-levels mixed: the share of steps whose t is drawn log-normal
 GUIDE_SETTINGS = ("auto", "none")  # or a checkpoint path
 MAX_FINAL_ALPHA_BAR = 1e-2  # x_T must be this close to N(0, I): samplers start there
 MAX_SEED = 2**62  # chunk k of a sampling run uses seed + k * 1_000_003, which must stay a valid 64-bit seed
@@ -207,8 +208,9 @@ class TrainConfig(Checked):
     weight_decay: float = setting(0.0, "AdamW weight decay", low=0, high=10)
     warmup_steps: int = setting(200, "steps of linear learning-rate warm-up, then cosine decay to zero",
                                 low=0, high=10**9)
-    noise_levels: str = setting("uniform", "how training draws t: uniform (Algorithm 1) or lognormal, ln sigma_t ~ "
-                                "N(-0.98, 1.2^2), EDM's choice for data of std 0.5 moved to MNIST's 0.62 in [-1, 1]",
+    noise_levels: str = setting("uniform", "how training draws t: uniform (Algorithm 1), lognormal, ln sigma_t ~ "
+                                "N(-0.98, 1.2^2), EDM's choice for data of std 0.5 moved to MNIST's 0.62 in [-1, 1], "
+                                "or mixed, each step's t uniform or lognormal with even odds",
                                 choices=NOISE_LEVELS)
     min_snr_gamma: float = setting(0.0, "weigh each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
                                    "2023); 0 = the paper's unweighted L_simple", low=0, high=1e6)

@@ -145,6 +145,11 @@ def lognormal_t_probs(s: Schedule, mean: float, std: float) -> torch.Tensor:
     return (probs / probs.sum()).float()
 
 
+def mix_with_uniform(probs: torch.Tensor, share: float) -> torch.Tensor:
+    """P(t) (T,) for drawing a `share` of the steps' t from `probs` and the rest uniformly (Algorithm 1)."""
+    return (1 - share) / probs.numel() + share * probs
+
+
 def diffusion_loss(model: EpsModel, x0: torch.Tensor, s: Schedule, generator: torch.Generator | None = None,
                    weights: torch.Tensor | None = None, t_probs: torch.Tensor | None = None):
     """L_simple, Algorithm 1: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2, t uniform

@@ -17,10 +17,10 @@ from tqdm import tqdm
 from diffusion.autotune import setup_runtime
 from diffusion.checkpoint import (FORMAT, check_room, check_same_model, check_writable_folder, epoch_name,
                                   find_latest, load_checkpoint, load_weights, model_config, save_checkpoint)
-from diffusion.config import LOGNORMAL_SIGMA, RunConfig, learns_unconditional, parse_interval
+from diffusion.config import LOGNORMAL_SIGMA, MIXED_LOGNORMAL_SHARE, RunConfig, learns_unconditional, parse_interval
 from diffusion.dataloader import batches, dataset_shape, epoch_order, load_images, num_batches
-from diffusion.diffusion_utils import (diffusion_loss, lognormal_t_probs, min_snr_weights, schedule_from_config,
-                                      target_weights)
+from diffusion.diffusion_utils import (diffusion_loss, lognormal_t_probs, min_snr_weights, mix_with_uniform,
+                                      schedule_from_config, target_weights)
 from diffusion.errors import UserError, writing
 from diffusion.generation import generate, sample_labels
 from diffusion.ema import EmaTracks, beta, gamma_of
@@ -157,9 +157,8 @@ class TrainingRun:
             lr_lambda(cfg.train.warmup_steps, cfg.train.epochs * self.steps_per_epoch))
         self.schedule = schedule_from_config(cfg.model).to(self.device)
         self.loss_weights = loss_weights(cfg, self.schedule)
-        # made on the CPU in float64, which Apple's MPS lacks, then moved
-        self.t_probs = (lognormal_t_probs(schedule_from_config(cfg.model), *LOGNORMAL_SIGMA).to(self.device)
-                        if cfg.train.noise_levels == "lognormal" else None)
+        self.t_probs = training_t_probs(cfg)
+        self.t_probs = None if self.t_probs is None else self.t_probs.to(self.device)
         self.gen = torch.Generator(self.device).manual_seed(cfg.runtime.seed * 1000 + rank)  # t, noise, label drops
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.epoch_loss = torch.zeros((), device=self.device)
@@ -252,6 +251,15 @@ def loss_weights(cfg: RunConfig, schedule) -> torch.Tensor | None:
         return min_snr_weights(schedule, cfg.train.min_snr_gamma)
     coefficients = output_coefficients(cfg.model)
     return None if coefficients is None else target_weights(coefficients[2]).float().to(schedule.alpha_bar.device)
+
+
+def training_t_probs(cfg: RunConfig) -> torch.Tensor | None:
+    """P(t) for the training steps as --noise-levels asks, on the CPU (made in float64, which Apple's MPS lacks);
+    None for uniform t."""
+    if cfg.train.noise_levels == "uniform":
+        return None
+    probs = lognormal_t_probs(schedule_from_config(cfg.model), *LOGNORMAL_SIGMA)
+    return probs if cfg.train.noise_levels == "lognormal" else mix_with_uniform(probs, MIXED_LOGNORMAL_SHARE)
 
 
 def weights_finite(*modules: torch.nn.Module) -> bool:

@@ -223,3 +223,21 @@ def test_paper_sets_the_papers_ddpm_and_flags_beside_it_win():
     _, plain = parse_run([])
     assert (plain.model.patch_size, plain.model.num_classes, plain.model.schedule) == (2, 10, "cosine")
     assert (plain.model.base_channels, plain.model.channel_mults, plain.train.epochs) == (32, (1, 1), 5)
+
+
+@pytest.mark.parametrize("levels,share", [("uniform", 0.0), ("lognormal", 1.0), ("mixed", 0.5)])
+def test_noise_levels_draw_that_share_of_the_steps_log_normal(levels, share):
+    """The steps' mass above sigma = 2 (where a digit's shape is decided) is the uniform share's plus the log-normal
+    share's: (1 - w) P_uniform(sigma > 2) + w P_lognormal(sigma > 2)."""
+    from diffusion.config import LOGNORMAL_SIGMA
+    from diffusion.diffusion_utils import lognormal_t_probs, schedule_from_config
+    from diffusion.main import parse_run
+    from diffusion.train import training_t_probs
+    _, cfg = parse_run(["--noise-levels", levels])
+    s = schedule_from_config(cfg.model, torch.float64)
+    noisy = ((1 - s.alpha_bar) / s.alpha_bar).sqrt() > 2
+    probs = training_t_probs(cfg)
+    probs = torch.full((s.T,), 1 / s.T) if probs is None else probs
+    expected = (1 - share) * noisy.double().mean() + share * lognormal_t_probs(s, *LOGNORMAL_SIGMA)[noisy].sum()
+    assert probs.sum().item() == pytest.approx(1, abs=1e-5)
+    assert probs[noisy].sum().item() == pytest.approx(expected.item(), abs=1e-4)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from diffusion.diffusion_utils import (diffusion_loss, lognormal_t_probs, make_schedule, min_snr_weights, preconditioning,
-                                       predict_eps, predict_x0, q_posterior, q_sample, target_weights, values_at)
+from diffusion.diffusion_utils import (diffusion_loss, lognormal_t_probs, make_schedule, min_snr_weights, mix_with_uniform,
+                                       preconditioning, predict_eps, predict_x0, q_posterior, q_sample, target_weights, values_at)
 from diffusion.samplers import sample_ddpm
 
 F64 = torch.float64
@@ -212,6 +212,17 @@ def test_lognormal_noise_levels_make_ln_sigma_the_normal_asked_for(kind, T):
     std = (probs * (log_sigma - mean) ** 2).sum().sqrt()
     assert probs.sum().item() == pytest.approx(1, abs=1e-6) and (probs >= 0).all()
     assert mean.item() == pytest.approx(-0.98, abs=0.03) and std.item() == pytest.approx(1.2, abs=0.03)
+
+
+def test_a_mixture_with_uniform_draws_that_share_from_the_given_levels():
+    """share w of the probability follows probs, the rest is spread evenly: P(t) = (1 - w) / T + w probs[t]."""
+    probs = torch.zeros(1000, dtype=F64)
+    probs[[3, 900]] = torch.tensor([0.2, 0.8], dtype=F64)
+    mixed = mix_with_uniform(probs, 0.25)
+    assert mixed.sum().item() == pytest.approx(1)
+    assert mixed[3].item() == pytest.approx(0.75e-3 + 0.05) and mixed[900].item() == pytest.approx(0.75e-3 + 0.2)
+    assert mixed[500].item() == pytest.approx(0.75e-3)
+    assert torch.equal(mix_with_uniform(probs, 1.0), probs)
 
 
 def test_the_loss_trains_the_t_drawn_from_t_probs():
