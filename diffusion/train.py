@@ -157,8 +157,7 @@ class TrainingRun:
             lr_lambda(cfg.train.warmup_steps, cfg.train.epochs * self.steps_per_epoch))
         self.schedule = schedule_from_config(cfg.model).to(self.device)
         self.loss_weights = loss_weights(cfg, self.schedule)
-        self.t_probs = training_t_probs(cfg)
-        self.t_probs = None if self.t_probs is None else self.t_probs.to(self.device)
+        self.t_probs = training_t_probs(cfg, self.device)
         self.gen = torch.Generator(self.device).manual_seed(cfg.runtime.seed * 1000 + rank)  # t, noise, label drops
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.epoch_loss = torch.zeros((), device=self.device)
@@ -253,13 +252,14 @@ def loss_weights(cfg: RunConfig, schedule) -> torch.Tensor | None:
     return None if coefficients is None else target_weights(coefficients[2]).float().to(schedule.alpha_bar.device)
 
 
-def training_t_probs(cfg: RunConfig) -> torch.Tensor | None:
-    """P(t) for the training steps as --noise-levels asks, on the CPU (made in float64, which Apple's MPS lacks);
-    None for uniform t."""
+def training_t_probs(cfg: RunConfig, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """P(t) for the training steps as --noise-levels asks; None for uniform t. Made on the CPU in float64, which
+    Apple's MPS lacks, then moved."""
     if cfg.train.noise_levels == "uniform":
         return None
     probs = lognormal_t_probs(schedule_from_config(cfg.model), *LOGNORMAL_SIGMA)
-    return probs if cfg.train.noise_levels == "lognormal" else mix_with_uniform(probs, MIXED_LOGNORMAL_SHARE)
+    probs = probs if cfg.train.noise_levels == "lognormal" else mix_with_uniform(probs, MIXED_LOGNORMAL_SHARE)
+    return probs.to(device)
 
 
 def weights_finite(*modules: torch.nn.Module) -> bool:

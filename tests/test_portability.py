@@ -66,7 +66,7 @@ def test_inpainting_and_interpolated_noise_run_without_float64():
 
 
 @pytest.mark.parametrize("flags", [(), ("--noise-levels", "lognormal", "--ema-length", "0.1", "--ema-lengths", "0.05",
-                                    "--prediction", "edm")])
+                                    "--prediction", "edm"), ("--noise-levels", "mixed")])
 def test_training_step_runs_without_float64(data_root, tmp_path, flags):
     run = TrainingRun(tiny_cfg(data_root, tmp_path, *flags))
     x0, y = run.images[:16].float() / 127.5 - 1, run.labels[:16]
