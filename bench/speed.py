@@ -42,6 +42,7 @@ OURS = {  # name: Config overrides
     "ours: 2x2 patches, 40/40 at 14/7": {"base_channels": 40},
     "ours: 2x2 patches, 32/64 at 14/7": {"channel_mults": (1, 2)},
     "ours: 2x2 patches, 32/32, attention at 14 and 7": {"attention_resolutions": (14, 7)},
+    "ours: 2x2 patches, 32/32, attention only in the middle": {"attention_resolutions": ()},
     "ours: 2x2 patches, 64/64 at 14/7 (the default before)": {"base_channels": 64},
     "ours: --paper's network (every pixel, 32/64/64 at 28/14/7)": {
         k: PAPER[k] for k in ("patch_size", "base_channels", "channel_mults")},
@@ -81,15 +82,18 @@ def forward_flops(fn, batch: int) -> float:
     return counter.get_total_flops() / batch
 
 
-def time_steps(step, steps: int, warmup: int = 3) -> float:
+def time_steps(step, steps: int, warmup: int = 3) -> tuple[float, float]:
+    """(seconds per step, seconds of the warm-up steps: where torch.compile compiles)."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     sync()
+    warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     sync()
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / steps, warm
 
 
 def ours(name: str, args) -> dict:
@@ -108,8 +112,9 @@ def ours(name: str, args) -> dict:
     t = torch.randint(0, 1000, (args.batch,), device=run.device)
     x_in = run.runtime.batch(x0)
     flops = forward_flops(lambda: run.model(x_in, t, y), args.batch)
-    seconds = time_steps(lambda: run.train_step(x0, y), args.steps)
+    seconds, warm = time_steps(lambda: run.train_step(x0, y), args.steps)
     result = {"params": sum(p.numel() for p in run.model.parameters()), "fwd_flops": flops, "step_s": seconds,
+              "warmup_s": warm,
               "precision": run.runtime.precision.describe()}
     if name == next(iter(OURS)):
         result["sampling"] = sampling_times(run.ema.module, run.cfg, run.device)
@@ -189,7 +194,7 @@ def anchor(name: str, args) -> dict:
         opt.step()
     flops = forward_flops(fwd, args.batch)
     return {"params": sum(p.numel() for p in model.parameters()), "fwd_flops": flops,
-            "step_s": time_steps(step, args.steps)}
+            "step_s": time_steps(step, args.steps)[0]}
 
 
 def instructions() -> str:

@@ -44,7 +44,8 @@ def argument_options(f) -> dict:
     if meta["kind"] is bool:
         options["action"] = argparse.BooleanOptionalAction
     elif meta["kind"] is tuple:
-        options.update(nargs="+", type=number(meta["item"]), metavar="X" if meta["item"] is float else "N")
+        options.update(nargs="*" if meta["empty"] else "+", type=number(meta["item"]),
+                       metavar="X" if meta["item"] is float else "N")
     else:
         options["type"] = number(meta["kind"]) if meta["kind"] in (int, float) else meta["kind"]
     if meta["choices"]:

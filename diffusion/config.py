@@ -39,11 +39,14 @@ MAX_IMAGES = 100_000  # per sampling command or request: a bound on the work one
 
 
 def setting(default, help: str, *, kind: type | None = None, item: type | None = None, choices=None,
-            low=None, high=None, above=None, flag: bool = True, alias: str | None = None, factory=None):
+            low=None, high=None, above=None, flag: bool = True, alias: str | None = None, factory=None,
+            empty: bool = False):
     """A config field that carries its own help sentence, type, allowed values and range (low <= v <= high,
-    above < v). `flag=False` keeps it off the command line; `alias` is a second flag name."""
+    above < v). `flag=False` keeps it off the command line; `alias` is a second flag name; `empty` lets a list be
+    empty (the flag given with no value)."""
     meta = {"help": help, "kind": kind or type(default if factory is None else factory()), "item": item,
-            "choices": choices, "low": low, "high": high, "above": above, "flag": flag, "alias": alias}
+            "choices": choices, "low": low, "high": high, "above": above, "flag": flag, "alias": alias,
+            "empty": empty}
     return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
 
 
@@ -68,7 +71,7 @@ def check_value(f: dataclasses.Field, value, where: str = "", name: str | None =
     if value is None and f.default is None:
         return None
     if meta["kind"] is tuple:
-        if not isinstance(value, (tuple, list)) or not value:
+        if not isinstance(value, (tuple, list)) or not (value or meta["empty"]):
             raise UserError(f"{name}{source} takes a list of numbers, got {value!r}")
         return tuple(_check_number(f, v, meta["item"], f"{name}{source}") for v in value)
     if meta["kind"] in (int, float):
@@ -152,8 +155,9 @@ class ModelConfig(Checked):
                                    item=int, low=1, high=16, factory=lambda: (1, 1))
     num_res_blocks: int = setting(1, "residual blocks per level; one is faster than two at equal quality here",
                                   low=1, high=8)
-    attention_resolutions: tuple = setting(None, "resolutions with self-attention (only where it is cheap)",
-                                           item=int, low=1, high=1024, factory=lambda: (7,))
+    attention_resolutions: tuple = setting(None, "resolutions whose levels also have self-attention; the middle "
+                                           "block always has it (the flag with no number: only the middle)",
+                                           item=int, low=1, high=1024, factory=lambda: (7,), empty=True)
     learned_unconditional: bool = setting(True, "whether the network also learned eps without a label (p_uncond "
                                           "> 0 or no labels): classifier-free guidance and --unconditional need it",
                                           flag=False)
@@ -315,7 +319,7 @@ def default_of(f: dataclasses.Field):
 
 def shown_default(f: dataclasses.Field) -> str:
     """A field's default as --help and docs/configuration.md show it."""
-    return "$DIFFUSION_DATA_ROOT or data" if f.name == "data_root" else show(default_of(f))
+    return "$DIFFUSION_DATA_ROOT or data" if f.name == "data_root" else show(default_of(f)) or "none"
 
 
 def fields_of(*parts) -> list[tuple[type, dataclasses.Field]]:

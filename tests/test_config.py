@@ -81,6 +81,7 @@ def test_nonsense_is_rejected_when_built(part, kwargs, needle):
     ({"num_classes": None}, "must be an integer"), ({"channel_mults": 7}, "list of numbers"),
     ({"num_res_blocks": True}, "must be an integer"), ({"schedule": 3}, "must be str"),
     ({"hidden_size": 3}, "unknown setting"), ({"channel_mults": [1, "2"]}, "must be an integer"),
+    ({"channel_mults": []}, "list of numbers"),
 ])
 def test_a_config_file_is_checked_field_by_field_with_the_flag_rules(values, needle):
     with pytest.raises(UserError, match=needle) as err:
@@ -88,10 +89,20 @@ def test_a_config_file_is_checked_field_by_field_with_the_flag_rules(values, nee
     assert "DIR/config.json" in str(err.value)
 
 
-def test_a_config_file_round_trips_through_json_types():
-    cfg = ModelConfig(base_channels=16, channel_mults=(1, 2))
+@pytest.mark.parametrize("attention", [(7,), ()])
+def test_a_config_file_round_trips_through_json_types(attention):
+    cfg = ModelConfig(base_channels=16, channel_mults=(1, 2), attention_resolutions=attention)
     as_json = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
     assert build(ModelConfig, as_json) == cfg
+
+
+def test_attention_resolutions_with_no_number_leaves_only_the_middle_blocks_attention(capsys):
+    """The one list that may be empty; the others still need a number."""
+    assert parse_run(["--attention-resolutions"])[1].model.attention_resolutions == ()
+    assert parse_run(["--attention-resolutions", "14", "7"])[1].model.attention_resolutions == (14, 7)
+    with pytest.raises(SystemExit):
+        parse_run(["--channel-mults"])
+    assert "expected at least one argument" in capsys.readouterr().err
 
 
 def test_device_auto_and_errors():

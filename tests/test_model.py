@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from diffusion.config import ModelConfig
-from diffusion.model import UNet, build_model, output_coefficients, timestep_embedding
+from diffusion.model import Attention, UNet, build_model, output_coefficients, timestep_embedding
 
 
 def perturbed(model: UNet) -> UNet:
@@ -32,6 +32,13 @@ def test_output_shape_equals_input_shape(channels, size, mults):
 def test_default_model_is_small():
     n = sum(p.numel() for p in build_model(ModelConfig()).parameters())
     assert 0.25e6 < n < 0.35e6  # 32/32 channels: 291,748 parameters
+
+
+@pytest.mark.parametrize("resolutions,layers", [((), 1), ((7,), 4), ((14, 7), 7)])
+def test_attention_sits_in_the_levels_asked_for_and_always_in_the_middle(resolutions, layers):
+    """On 2x2 patches the levels run at 14 and 7: one block down and two up per level, and the middle block."""
+    model = UNet(base_channels=8, channel_mults=(1, 1), patch_size=2, attention_resolutions=resolutions)
+    assert sum(isinstance(m, Attention) for m in model.modules()) == layers
 
 
 @torch.no_grad()
