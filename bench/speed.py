@@ -103,7 +103,8 @@ def ours(name: str, args) -> dict:
 
     from diffusion.config import flag_name, show
     overrides = {"compile": True} if name == COMPILED else OURS[name]
-    flags = [word for k, v in overrides.items() for word in (flag_name(k), *show(v).split())]
+    flags = [word for k, v in overrides.items() for word in
+             ([flag_name(k) if v else "--no-" + k.replace("_", "-")] if isinstance(v, bool) else [flag_name(k), *show(v).split()])]
     _, cfg = parse_run(["--data-root", args.data_root, "--limit-train", str(args.batch * 4),
                         "--batch-size", str(args.batch), *flags])
     run = TrainingRun(cfg)
