@@ -38,6 +38,7 @@ def test_the_fastest_is_chosen_said_and_cached(cache, monkeypatch, capsys):
     speed = {Precision(False, True): 0.30, Precision(False, False): 0.35, Precision(True, True): 0.25,
              Precision(True, False): 0.18}
     monkeypatch.setattr(autotune, "time_candidates", lambda model, cfg, device, options, purpose, batch: speed)
+    monkeypatch.setattr(autotune, "native_bf16", lambda: True)  # so --amp auto and --amp none ask different questions
     cfg, model_cfg = RuntimeConfig(), ModelConfig()
     model = build_model(model_cfg)
     assert choose_precision(cfg, model_cfg, CPU, model, "train", 64) == Precision(True, False)
