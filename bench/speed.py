@@ -101,12 +101,10 @@ def ours(name: str, args) -> dict:
     from diffusion.main import parse_run
     from diffusion.train import TrainingRun
 
-    from diffusion.config import flag_name, show
+    from diffusion.config import as_flags
     overrides = {"compile": True} if name == COMPILED else OURS[name]
-    flags = [word for k, v in overrides.items() for word in
-             ([flag_name(k) if v else "--no-" + k.replace("_", "-")] if isinstance(v, bool) else [flag_name(k), *show(v).split()])]
     _, cfg = parse_run(["--data-root", args.data_root, "--limit-train", str(args.batch * 4),
-                        "--batch-size", str(args.batch), *flags])
+                        "--batch-size", str(args.batch), *as_flags(overrides)])
     run = TrainingRun(cfg)
     x0 = to_unit_range(run.images[: args.batch])
     y = run.labels[: args.batch]

@@ -299,8 +299,19 @@ PAPER = {"num_classes": 0, "schedule": "linear", "prediction": "eps", "patch_siz
          "channel_mults": (1, 2, 2), "noise_levels": "uniform", "lr": 2e-3, "epochs": 2}
 
 
+def as_flags(values: dict) -> list[str]:
+    """The command-line words that set these fields to these values."""
+    words = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            words.append(flag_name(name) if value else "--no-" + name.replace("_", "-"))
+        else:
+            words += [flag_name(name), *show(value).split()]
+    return words
+
+
 def paper_flags() -> list[str]:
-    return [word for name, value in PAPER.items() for word in (flag_name(name), *show(value).split())]
+    return as_flags(PAPER)
 
 
 PARTS = {ModelConfig: "model: the U-Net and its noise schedule (fixed by training)", DataConfig: "data",

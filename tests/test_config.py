@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.config import (PARTS, DataConfig, ModelConfig, RuntimeConfig, SampleConfig, TrainConfig, build,
+from diffusion.config import (PARTS, DataConfig, ModelConfig, RuntimeConfig, SampleConfig, TrainConfig, as_flags, build,
                               configuration_page, fields_of, markdown_table)
 from diffusion.errors import UserError
 from diffusion.main import parse_run
@@ -94,6 +94,13 @@ def test_a_config_file_round_trips_through_json_types(attention):
     cfg = ModelConfig(base_channels=16, channel_mults=(1, 2), attention_resolutions=attention)
     as_json = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
     assert build(ModelConfig, as_json) == cfg
+
+
+def test_settings_written_as_flags_parse_back_to_themselves():
+    values = {"compile": True, "download": False, "attention_resolutions": (), "channel_mults": (1, 2), "lr": 5e-4}
+    _, cfg = parse_run(as_flags(values))
+    assert (cfg.train.compile, cfg.data.download, cfg.model.attention_resolutions, cfg.model.channel_mults,
+            cfg.train.lr) == tuple(values.values())
 
 
 def test_attention_resolutions_with_no_number_leaves_only_the_middle_blocks_attention(capsys):
