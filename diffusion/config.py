@@ -158,6 +158,8 @@ class ModelConfig(Checked):
     attention_resolutions: tuple = setting(None, "resolutions whose levels also have self-attention; the middle "
                                            "block always has it (the flag with no number: only the middle)",
                                            item=int, low=1, high=1024, factory=lambda: (7,), empty=True)
+    attention_heads: int = setting(4, "heads per self-attention layer; each must split its layer's channels evenly "
+                                   "(Ho et al. used one)", low=1, high=1024)
     learned_unconditional: bool = setting(True, "whether the network also learned eps without a label (p_uncond "
                                           "> 0 or no labels): classifier-free guidance and --unconditional need it",
                                           flag=False)
@@ -173,6 +175,13 @@ class ModelConfig(Checked):
             raise UserError(f"--channel-mults takes at most 6 levels, got {len(self.channel_mults)}")
         if self.base_channels % 8:
             raise UserError(f"--base-channels must be a multiple of 8 (GroupNorm groups), got {self.base_channels}")
+        attention_widths = {self.base_channels * self.channel_mults[-1]} | {
+            self.base_channels * m for level, m in enumerate(self.channel_mults)
+            if self.image_size // self.patch_size // 2 ** level in self.attention_resolutions}
+        uneven = sorted(w for w in attention_widths if w % self.attention_heads)
+        if uneven:
+            raise UserError(f"--attention-heads {self.attention_heads} must split every attention layer's channels "
+                            f"evenly; {uneven[0]} channels do not split into {self.attention_heads} heads")
         factor = self.patch_size * 2 ** (len(self.channel_mults) - 1)
         if self.image_size % factor:
             raise UserError(f"--image-size {self.image_size} must divide by {factor}, the U-Net's "

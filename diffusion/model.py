@@ -67,10 +67,11 @@ class Attention(nn.Module):
 class ResolutionLevel(nn.Module):
     """Residual blocks at one resolution, each optionally followed by attention."""
 
-    def __init__(self, c_ins: list[int], c_out: int, emb_dim: int, dropout: float, attention: bool):
+    def __init__(self, c_ins: list[int], c_out: int, emb_dim: int, dropout: float, attention_heads: int):
+        """attention_heads 0: no attention."""
         super().__init__()
         self.blocks = nn.ModuleList(ResBlock(c, c_out, emb_dim, dropout) for c in c_ins)
-        self.attn = nn.ModuleList(Attention(c_out) if attention else nn.Identity() for _ in c_ins)
+        self.attn = nn.ModuleList(Attention(c_out, attention_heads) if attention_heads else nn.Identity() for _ in c_ins)
 
 
 class UNet(nn.Module):
@@ -82,7 +83,8 @@ class UNet(nn.Module):
     def __init__(self, channels: int = 1, image_size: int = 28, base_channels: int = 32,
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  attention_resolutions: tuple[int, ...] = (7,), num_classes: int = 10, dropout: float = 0.0,
-                 patch_size: int = 1, preconditioning: tuple[torch.Tensor, ...] | None = None):
+                 patch_size: int = 1, preconditioning: tuple[torch.Tensor, ...] | None = None,
+                 attention_heads: int = 4):
         super().__init__()
         self.preconditioned = preconditioning is not None
         if self.preconditioned:  # constants of the schedule, not weights: rebuilt from the config, never saved
@@ -103,22 +105,23 @@ class UNet(nn.Module):
         self.down, self.downsample, skips = nn.ModuleList(), nn.ModuleList(), [base_channels]
         c, res = base_channels, image_size // patch_size
         for i, w in enumerate(widths):
-            self.down.append(ResolutionLevel([c] + [w] * (num_res_blocks - 1), w, emb_dim, dropout, res in attention_resolutions))
+            heads = attention_heads if res in attention_resolutions else 0
+            self.down.append(ResolutionLevel([c] + [w] * (num_res_blocks - 1), w, emb_dim, dropout, heads))
             skips += [w] * num_res_blocks
             c = w
             if i + 1 < len(widths):
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
                 res //= 2
-        self.mid = ResolutionLevel([c, c], c, emb_dim, dropout, attention=False)
-        self.mid_attn = Attention(c)
+        self.mid = ResolutionLevel([c, c], c, emb_dim, dropout, attention_heads=0)
+        self.mid_attn = Attention(c, attention_heads)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
             c_ins = []
             for _ in range(num_res_blocks + 1):
                 c_ins.append(c + skips.pop())
                 c = w
-            self.up.append(ResolutionLevel(c_ins, w, emb_dim, dropout, res in attention_resolutions))
+            self.up.append(ResolutionLevel(c_ins, w, emb_dim, dropout, attention_heads if res in attention_resolutions else 0))
             if i > 0:
                 self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                                    nn.Conv2d(c, c, 3, padding=1)))
@@ -180,7 +183,8 @@ def build_model(cfg, dropout: float = 0.0) -> UNet:
 
     def make():
         return UNet(cfg.channels, cfg.image_size, cfg.base_channels, cfg.channel_mults, cfg.num_res_blocks,
-                    cfg.attention_resolutions, cfg.num_classes, dropout, cfg.patch_size, coefficients)
+                    cfg.attention_resolutions, cfg.num_classes, dropout, cfg.patch_size, coefficients,
+                    cfg.attention_heads)
     with torch.device("meta"):
         size = sum(p.numel() for p in make().parameters())
     if size > MAX_PARAMETERS:
