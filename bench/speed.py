@@ -43,6 +43,8 @@ OURS = {  # name: Config overrides
     "ours: 2x2 patches, 32/64 at 14/7": {"channel_mults": (1, 2)},
     "ours: 2x2 patches, 32/32, attention at 14 and 7": {"attention_resolutions": (14, 7)},
     "ours: 2x2 patches, 32/32, attention only in the middle": {"attention_resolutions": ()},
+    "ours: 2x2 patches, 32/32, four attention heads (the default before)": {"attention_heads": 4},
+    "ours: 2x2 patches, 32/32, no level skips": {"level_skips": False},
     "ours: 2x2 patches, 64/64 at 14/7 (the default before)": {"base_channels": 64},
     "ours: --paper's network (every pixel, 32/64/64 at 28/14/7)": {
         k: PAPER[k] for k in ("patch_size", "base_channels", "channel_mults")},

@@ -26,10 +26,11 @@ from diffusion.errors import UserError
 from diffusion.model import UNet, build_model
 
 LATEST = "latest"  # a text file holding the name of the newest checkpoint
-# 6: attention_heads; 5: prediction; 4: patch_size; 3: model_config apart from training settings; 2: one flat config; 1: linear betas
-# not scaled to T
+# 6: attention_heads, level_skips; 5: prediction; 4: patch_size; 3: model_config apart from training settings;
+# 2: one flat config; 1: linear betas not scaled to T
 FORMAT = 6
-UNSAVED_DEFAULTS = {"patch_size": 1, "prediction": "eps", "schedule": "linear", "attention_heads": 4}  # what a model saved without them had
+UNSAVED_DEFAULTS = {"patch_size": 1, "prediction": "eps", "schedule": "linear",  # what a model saved without them had
+                    "attention_heads": 4, "level_skips": True}
 REQUIRED_KEYS = ("model", "ema", "epoch", "step")
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder
 MAX_CONFIG_BYTES = 100_000

@@ -158,8 +158,12 @@ class ModelConfig(Checked):
     attention_resolutions: tuple = setting(None, "resolutions whose levels also have self-attention; the middle "
                                            "block always has it (the flag with no number: only the middle)",
                                            item=int, low=1, high=1024, factory=lambda: (7,), empty=True)
-    attention_heads: int = setting(4, "heads per self-attention layer; each must split its layer's channels evenly "
-                                   "(Ho et al. used one)", low=1, high=1024)
+    level_skips: bool = setting(True, "the up path also takes the stem's and each downsampling's output as skips, "
+                                "with one more block per level than the way down (Ho et al.); --no-level-skips: "
+                                "as many blocks up as down, a cheaper up path")
+    attention_heads: int = setting(1, "heads per self-attention layer, each must split its layer's channels evenly; "
+                                   "one, as Ho et al., draws as well as four on MNIST and runs faster on a CPU",
+                                   low=1, high=1024)
     learned_unconditional: bool = setting(True, "whether the network also learned eps without a label (p_uncond "
                                           "> 0 or no labels): classifier-free guidance and --unconditional need it",
                                           flag=False)
@@ -305,7 +309,8 @@ class RuntimeConfig(Checked):
 # the linear betas, a U-Net that sees every pixel (32/64/64 at 28/14/7), 2 epochs. Flags given beside --paper
 # still win.
 PAPER = {"num_classes": 0, "schedule": "linear", "prediction": "eps", "patch_size": 1, "base_channels": 32,
-         "channel_mults": (1, 2, 2), "noise_levels": "uniform", "lr": 2e-3, "epochs": 2}
+         "channel_mults": (1, 2, 2), "attention_heads": 4, "level_skips": True, "noise_levels": "uniform", "lr": 2e-3,
+         "epochs": 2}
 
 
 def as_flags(values: dict) -> list[str]:

@@ -49,7 +49,7 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the pixels of a (small) feature map, with a residual."""
 
-    def __init__(self, channels: int, heads: int = 4):
+    def __init__(self, channels: int, heads: int = 1):
         super().__init__()
         self.heads = heads
         self.norm = norm(channels)
@@ -84,7 +84,7 @@ class UNet(nn.Module):
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  attention_resolutions: tuple[int, ...] = (7,), num_classes: int = 10, dropout: float = 0.0,
                  patch_size: int = 1, preconditioning: tuple[torch.Tensor, ...] | None = None,
-                 attention_heads: int = 4):
+                 attention_heads: int = 1, level_skips: bool = True):
         super().__init__()
         self.preconditioned = preconditioning is not None
         if self.preconditioned:  # constants of the schedule, not weights: rebuilt from the config, never saved
@@ -102,7 +102,11 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(patch_channels, base_channels, 3, padding=1)
 
         widths = [base_channels * m for m in channel_mults]
-        self.down, self.downsample, skips = nn.ModuleList(), nn.ModuleList(), [base_channels]
+        # Ho et al.'s U-Net also passes the stem's and each downsampling's output across, and takes them up with
+        # one more block per level; without them every level has as many blocks up as down
+        self.level_skips = level_skips
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        skips = [base_channels] if level_skips else []
         c, res = base_channels, image_size // patch_size
         for i, w in enumerate(widths):
             heads = attention_heads if res in attention_resolutions else 0
@@ -111,14 +115,14 @@ class UNet(nn.Module):
             c = w
             if i + 1 < len(widths):
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-                skips.append(c)
+                skips += [c] if level_skips else []
                 res //= 2
         self.mid = ResolutionLevel([c, c], c, emb_dim, dropout, attention_heads=0)
         self.mid_attn = Attention(c, attention_heads)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
             c_ins = []
-            for _ in range(num_res_blocks + 1):
+            for _ in range(num_res_blocks + level_skips):
                 c_ins.append(c + skips.pop())
                 c = w
             self.up.append(ResolutionLevel(c_ins, w, emb_dim, dropout, attention_heads if res in attention_resolutions else 0))
@@ -146,14 +150,14 @@ class UNet(nn.Module):
         if self.patch_size > 1:
             x = F.pixel_unshuffle(x, self.patch_size)  # (B, C p^2, H/p, W/p)
         h = self.conv_in(x)
-        skips = [h]
+        skips = [h] if self.level_skips else []
         for i, level in enumerate(self.down):
             for block, attn in zip(level.blocks, level.attn):
                 h = attn(block(h, emb))
                 skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)  # (B, C, H/2, W/2)
-                skips.append(h)
+                skips += [h] if self.level_skips else []
         h = self.mid_attn(self.mid.blocks[0](h, emb))
         h = self.mid.blocks[1](h, emb)
         for i, level in enumerate(self.up):
@@ -184,7 +188,7 @@ def build_model(cfg, dropout: float = 0.0) -> UNet:
     def make():
         return UNet(cfg.channels, cfg.image_size, cfg.base_channels, cfg.channel_mults, cfg.num_res_blocks,
                     cfg.attention_resolutions, cfg.num_classes, dropout, cfg.patch_size, coefficients,
-                    cfg.attention_heads)
+                    cfg.attention_heads, cfg.level_skips)
     with torch.device("meta"):
         size = sum(p.numel() for p in make().parameters())
     if size > MAX_PARAMETERS:

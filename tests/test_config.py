@@ -31,7 +31,7 @@ def test_every_field_is_a_flag_that_arrives_with_its_type():
                "logger": "tensorboard", "memory_format": "contiguous", "guidance_interval": (0.5, 4.0),
                "guide_checkpoint": "none", "image_size": 56, "base_channels": 40, "beta_start": 0.0002,
                "ema_decay": 0.99, "channels": 3, "patch_size": 1, "noise_levels": "lognormal", "prediction": "v",
-               "ema_lengths": (0.05, 0.1)}  # values the validation accepts
+               "ema_lengths": (0.05, 0.1), "attention_heads": 2}  # values the validation accepts
     for part, f in fields_of(*PARTS):
         default = getattr(part(), f.name)
         value = choices[f.name] if f.name in choices else others[f.metadata["kind"]](default)
@@ -69,6 +69,9 @@ def test_data_root_from_environment(monkeypatch):
     (SampleConfig, {"guidance": math.nan}, "finite"), (SampleConfig, {"eta": math.inf}, "finite"),
     (SampleConfig, {"guidance": math.inf}, "finite"), (RuntimeConfig, {"seed": 2**64}, "--seed must be"),
     (ModelConfig, {"timesteps": 10**9}, "--timesteps must be"), (ModelConfig, {"num_classes": 10**9}, "--num-classes"),
+    (ModelConfig, {"attention_heads": 3}, "32 channels do not split into 3 heads"),
+    (ModelConfig, {"base_channels": 24, "channel_mults": (1, 2), "attention_resolutions": (14,), "attention_heads": 16},
+     "24 channels"),
     (SampleConfig, {"guidance_interval": (2.0, 1.0)}, "LO < HI"), (SampleConfig, {"guidance_interval": (math.nan, 1.0)}, "finite"),
 ])
 def test_nonsense_is_rejected_when_built(part, kwargs, needle):

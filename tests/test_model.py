@@ -34,11 +34,50 @@ def test_default_model_is_small():
     assert 0.25e6 < n < 0.35e6  # 32/32 channels: 291,748 parameters
 
 
-@pytest.mark.parametrize("resolutions,layers", [((), 1), ((7,), 4), ((14, 7), 7)])
-def test_attention_sits_in_the_levels_asked_for_and_always_in_the_middle(resolutions, layers):
-    """On 2x2 patches the levels run at 14 and 7: one block down and two up per level, and the middle block."""
-    model = UNet(base_channels=8, channel_mults=(1, 1), patch_size=2, attention_resolutions=resolutions)
+@pytest.mark.parametrize("resolutions,level_skips,layers", [((), True, 1), ((7,), True, 4), ((14, 7), True, 7),
+                                                             ((7,), False, 3), ((14, 7), False, 5)])
+def test_attention_sits_in_the_levels_asked_for_and_always_in_the_middle(resolutions, level_skips, layers):
+    """On 2x2 patches the levels run at 14 and 7: one block down and two up per level (one without the level skips),
+    and the middle block."""
+    model = UNet(base_channels=8, channel_mults=(1, 1), patch_size=2, attention_resolutions=resolutions,
+                 level_skips=level_skips)
     assert sum(isinstance(m, Attention) for m in model.modules()) == layers
+
+
+@pytest.mark.parametrize("level_skips,up_inputs", [(True, [[16, 16], [16, 16]]), (False, [[16], [16]])])
+def test_the_up_path_takes_the_skips_it_is_built_for(level_skips, up_inputs):
+    """Every up block takes the skip of its mirror image on the way down, concatenated: with the level skips also the
+    stem's and the downsampling's, one block more per level (Ho et al.)."""
+    model = UNet(base_channels=8, channel_mults=(1, 1), patch_size=2, level_skips=level_skips)
+    assert [[b.conv1[0].num_channels for b in level.blocks] for level in model.up] == up_inputs
+    x = torch.randn(2, 1, 28, 28)
+    assert perturbed(model)(x, torch.tensor([3, 700])).shape == x.shape
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_is_softmax_of_scaled_dot_products_per_head(heads):
+    """Vaswani et al.'s attention written out by hand: each head sees its own slice of C / heads channels, weighs
+    every position by softmax(q . k / sqrt(C / heads)), and the heads' outputs are joined and projected."""
+    layer = Attention(8, heads)
+    torch.manual_seed(0)
+    for p in layer.parameters():
+        p.data.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(2, 8, 3, 5)
+    q, k, v = layer.qkv(layer.norm(x)).flatten(2).chunk(3, dim=1)  # (B, C, positions) each
+    d = 8 // heads
+    heads_out = []
+    for h in range(heads):
+        qh, kh, vh = (a[:, h * d:(h + 1) * d] for a in (q, k, v))
+        weights = torch.softmax(torch.einsum("bci,bcj->bij", qh, kh) / d**0.5, dim=-1)
+        heads_out.append(torch.einsum("bij,bcj->bci", weights, vh))
+    expected = x + layer.out(torch.cat(heads_out, dim=1).reshape(2, 8, 3, 5))
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+
+
+def test_every_attention_layer_gets_the_heads_asked_for():
+    model = build_model(ModelConfig(attention_heads=2))
+    assert {m.heads for m in model.modules() if isinstance(m, Attention)} == {2}
 
 
 @torch.no_grad()

@@ -71,12 +71,14 @@ def test_an_old_checkpoint_loads_with_what_training_fixed(old_run):
     assert loaded.config.learned_unconditional and loaded.epoch == 1
 
 
-def test_a_saved_model_without_a_schedule_was_linear():
+@pytest.mark.parametrize("field,then", [("schedule", "linear"), ("attention_heads", 4), ("level_skips", True)])
+def test_a_saved_model_without_a_field_had_the_value_of_its_time(field, then):
     from diffusion.checkpoint import model_config
     from diffusion.config import ModelConfig
-    values = {k: v for k, v in ModelConfig().to_dict().items() if k != "schedule"}
-    assert ModelConfig().schedule == "cosine" and model_config({"model_config": values}, "old.pth").schedule == "linear"
-    assert model_config({"config": values}, "old.pth").schedule == "linear"  # format 2's flat dict
+    saved = ModelConfig(attention_heads=2, level_skips=False, schedule="cosine")
+    values = {k: v for k, v in saved.to_dict().items() if k != field}
+    assert model_config({"model_config": values}, "old.pth").to_dict()[field] == then
+    assert model_config({"config": values}, "old.pth").to_dict()[field] == then  # format 2's flat dict
 
 
 def old_grid(work: Path):
