@@ -49,7 +49,7 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the pixels of a (small) feature map, with a residual."""
 
-    def __init__(self, channels: int, heads: int = 1):
+    def __init__(self, channels: int, heads: int):
         super().__init__()
         self.heads = heads
         self.norm = norm(channels)
