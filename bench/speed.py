@@ -44,10 +44,12 @@ OURS = {  # name: Config overrides
     "ours: 2x2 patches, 32/32, attention at 14 and 7": {"attention_resolutions": (14, 7)},
     "ours: 2x2 patches, 32/32, attention only in the middle": {"attention_resolutions": ()},
     "ours: 2x2 patches, 32/32, four attention heads (the default before)": {"attention_heads": 4},
-    "ours: 2x2 patches, 32/32, no level skips": {"level_skips": False},
+    "ours: 2x2 patches, 32/32, no stem skip": {"stem_skip": False},
+    "ours: 2x2 patches, 32/32, no level skips": {"level_skips": False, "stem_skip": False},
     "ours: 2x2 patches, 64/64 at 14/7 (the default before)": {"base_channels": 64},
     "ours: --paper's network (every pixel, 32/64/64 at 28/14/7)": {
-        k: PAPER[k] for k in ("patch_size", "base_channels", "channel_mults", "attention_heads", "level_skips")},
+        k: PAPER[k] for k in ("patch_size", "base_channels", "channel_mults", "attention_heads", "level_skips",
+                              "stem_skip")},
 }
 CPU_CLASSES = {"native": {}, "as AVX2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 ANCHORS = ("diffusers UNet2DModel (32,64,64), no attention, 32x32",

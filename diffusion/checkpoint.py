@@ -26,11 +26,18 @@ from diffusion.errors import UserError
 from diffusion.model import UNet, build_model
 
 LATEST = "latest"  # a text file holding the name of the newest checkpoint
-# 6: attention_heads, level_skips; 5: prediction; 4: patch_size; 3: model_config apart from training settings;
+# 7: stem_skip; 6: attention_heads, level_skips; 5: prediction; 4: patch_size; 3: model_config apart from training settings;
 # 2: one flat config; 1: linear betas not scaled to T
-FORMAT = 6
+FORMAT = 7
 UNSAVED_DEFAULTS = {"patch_size": 1, "prediction": "eps", "schedule": "linear",  # what a model saved without them had
                     "attention_heads": 4, "level_skips": True}
+
+
+def with_unsaved_defaults(values: dict) -> dict:
+    """A saved model config completed with what a model saved without a field had. Before stem_skip, the stem's
+    skip came and went with the other level skips."""
+    values = {**UNSAVED_DEFAULTS, **values}
+    return {"stem_skip": values["level_skips"], **values}
 REQUIRED_KEYS = ("model", "ema", "epoch", "step")
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder
 MAX_CONFIG_BYTES = 100_000
@@ -179,12 +186,12 @@ def model_config(state: dict, where: Path | str) -> ModelConfig:
         values = state["model_config"]
         if not isinstance(values, dict):
             raise UserError(f"{where}: model_config must be a table of settings")
-        return build(ModelConfig, {**UNSAVED_DEFAULTS, **values}, str(where))
+        return build(ModelConfig, with_unsaved_defaults(values), str(where))
     flat = state.get("config")
     if not isinstance(flat, dict):
         raise UserError(f"{where} has no model_config")
     names = {f.name for f in fields(ModelConfig)} - {"learned_unconditional"}
-    values = {**UNSAVED_DEFAULTS, **{k: v for k, v in flat.items() if k in names}}
+    values = with_unsaved_defaults({k: v for k, v in flat.items() if k in names})
     values["learned_unconditional"] = learns_unconditional(values.get("num_classes", 10), flat.get("p_uncond", 0.1))
     return build(ModelConfig, values, str(where))
 

@@ -158,9 +158,12 @@ class ModelConfig(Checked):
     attention_resolutions: tuple = setting(None, "resolutions whose levels also have self-attention; the middle "
                                            "block always has it (the flag with no number: only the middle)",
                                            item=int, low=1, high=1024, factory=lambda: (7,), empty=True)
-    level_skips: bool = setting(True, "the up path also takes the stem's and each downsampling's output as skips, "
-                                "with one more block per level than the way down (Ho et al.); --no-level-skips: "
-                                "as many blocks up as down, a cheaper up path")
+    level_skips: bool = setting(True, "the up path also takes each downsampling's output as a skip, with one more "
+                                "block at each lower level than the way down (Ho et al.); --no-level-skips: as many "
+                                "blocks up as down there, a cheaper step and less precise digits")
+    stem_skip: bool = setting(True, "the up path also takes the stem's output as a skip, with one more block at the "
+                              "first level (Ho et al.); --no-stem-skip: as many blocks up as down there, the costliest "
+                              "level, a cheaper step and less precise digits")
     attention_heads: int = setting(1, "heads per self-attention layer, each must split its layer's channels evenly; "
                                    "one, as Ho et al., draws as well as four on MNIST and runs faster on a CPU",
                                    low=1, high=1024)
@@ -309,7 +312,8 @@ class RuntimeConfig(Checked):
 # the linear betas, a U-Net that sees every pixel (32/64/64 at 28/14/7), 2 epochs. Flags given beside --paper
 # still win.
 PAPER = {"num_classes": 0, "schedule": "linear", "prediction": "eps", "patch_size": 1, "base_channels": 32,
-         "channel_mults": (1, 2, 2), "attention_heads": 4, "level_skips": True, "noise_levels": "uniform", "lr": 2e-3,
+         "channel_mults": (1, 2, 2), "attention_heads": 4, "level_skips": True, "stem_skip": True,
+         "noise_levels": "uniform", "lr": 2e-3,
          "epochs": 2}
 
 

@@ -84,7 +84,7 @@ class UNet(nn.Module):
                  channel_mults: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 1,
                  attention_resolutions: tuple[int, ...] = (7,), num_classes: int = 10, dropout: float = 0.0,
                  patch_size: int = 1, preconditioning: tuple[torch.Tensor, ...] | None = None,
-                 attention_heads: int = 1, level_skips: bool = True):
+                 attention_heads: int = 1, level_skips: bool = True, stem_skip: bool = True):
         super().__init__()
         self.preconditioned = preconditioning is not None
         if self.preconditioned:  # constants of the schedule, not weights: rebuilt from the config, never saved
@@ -102,11 +102,11 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(patch_channels, base_channels, 3, padding=1)
 
         widths = [base_channels * m for m in channel_mults]
-        # Ho et al.'s U-Net also passes the stem's and each downsampling's output across, and takes them up with
-        # one more block per level; without them every level has as many blocks up as down
-        self.level_skips = level_skips
+        # Ho et al.'s U-Net also passes each level's input across (the stem's output at the first level, a
+        # downsampling's below) and takes it up with one more block at that level; each kind can be left out
+        self.level_skips, self.stem_skip = level_skips, stem_skip
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
-        skips = [base_channels] if level_skips else []
+        skips = [base_channels] if stem_skip else []
         c, res = base_channels, image_size // patch_size
         for i, w in enumerate(widths):
             heads = attention_heads if res in attention_resolutions else 0
@@ -122,7 +122,7 @@ class UNet(nn.Module):
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
             c_ins = []
-            for _ in range(num_res_blocks + level_skips):
+            for _ in range(num_res_blocks + (stem_skip if i == 0 else level_skips)):
                 c_ins.append(c + skips.pop())
                 c = w
             self.up.append(ResolutionLevel(c_ins, w, emb_dim, dropout, attention_heads if res in attention_resolutions else 0))
@@ -150,7 +150,7 @@ class UNet(nn.Module):
         if self.patch_size > 1:
             x = F.pixel_unshuffle(x, self.patch_size)  # (B, C p^2, H/p, W/p)
         h = self.conv_in(x)
-        skips = [h] if self.level_skips else []
+        skips = [h] if self.stem_skip else []
         for i, level in enumerate(self.down):
             for block, attn in zip(level.blocks, level.attn):
                 h = attn(block(h, emb))
@@ -188,7 +188,7 @@ def build_model(cfg, dropout: float = 0.0) -> UNet:
     def make():
         return UNet(cfg.channels, cfg.image_size, cfg.base_channels, cfg.channel_mults, cfg.num_res_blocks,
                     cfg.attention_resolutions, cfg.num_classes, dropout, cfg.patch_size, coefficients,
-                    cfg.attention_heads, cfg.level_skips)
+                    cfg.attention_heads, cfg.level_skips, cfg.stem_skip)
     with torch.device("meta"):
         size = sum(p.numel() for p in make().parameters())
     if size > MAX_PARAMETERS:

@@ -27,7 +27,7 @@ def test_training_prints_mean_loss_and_checkpoints_every_epoch(trained):
     assert (work / "ck" / "latest").read_text().strip() == "epoch_002.pth"
     state = load_checkpoint(work / "ck" / "epoch_002.pth")
     assert {"model", "ema", "optimizer", "epoch", "step", "model_config", "train_config"} <= state.keys()
-    assert state["epoch"] == 2 and state["step"] == 8 and state["format"] == 6
+    assert state["epoch"] == 2 and state["step"] == 8 and state["format"] == 7
     assert state["model_config"]["base_channels"] == 8 and state["model_config"]["num_classes"] == 10
     assert state["model_config"]["learned_unconditional"] is True
 

@@ -34,24 +34,39 @@ def test_default_model_is_small():
     assert 0.25e6 < n < 0.35e6  # 32/32 channels: 291,748 parameters
 
 
-@pytest.mark.parametrize("resolutions,level_skips,layers", [((), True, 1), ((7,), True, 4), ((14, 7), True, 7),
-                                                             ((7,), False, 3), ((14, 7), False, 5)])
-def test_attention_sits_in_the_levels_asked_for_and_always_in_the_middle(resolutions, level_skips, layers):
-    """On 2x2 patches the levels run at 14 and 7: one block down and two up per level (one without the level skips),
-    and the middle block."""
+@pytest.mark.parametrize("resolutions,level_skips,stem_skip,layers", [
+    ((), True, True, 1), ((7,), True, False, 4), ((14, 7), True, True, 7), ((14, 7), True, False, 6),
+    ((7,), False, True, 3), ((14, 7), False, False, 5), ((14, 7), False, True, 6)])
+def test_attention_sits_in_the_levels_asked_for_and_always_in_the_middle(resolutions, level_skips, stem_skip, layers):
+    """On 2x2 patches the levels run at 14 and 7: one block down per level, and up one more at 7 with the level
+    skips and one more at 14 with the stem's; and the middle block."""
     model = UNet(base_channels=8, channel_mults=(1, 1), patch_size=2, attention_resolutions=resolutions,
-                 level_skips=level_skips)
+                 level_skips=level_skips, stem_skip=stem_skip)
     assert sum(isinstance(m, Attention) for m in model.modules()) == layers
 
 
-@pytest.mark.parametrize("level_skips,up_inputs", [(True, [[16, 16], [16, 16]]), (False, [[16], [16]])])
-def test_the_up_path_takes_the_skips_it_is_built_for(level_skips, up_inputs):
+@pytest.mark.parametrize("level_skips,stem_skip,up_inputs", [(True, True, [[16, 16], [16, 16]]),
+                                                             (True, False, [[16, 16], [16]]),
+                                                             (False, True, [[16], [16, 16]]),
+                                                             (False, False, [[16], [16]])])
+def test_the_up_path_takes_the_skips_it_is_built_for(level_skips, stem_skip, up_inputs):
     """Every up block takes the skip of its mirror image on the way down, concatenated: with the level skips also the
-    stem's and the downsampling's, one block more per level (Ho et al.)."""
-    model = UNet(base_channels=8, channel_mults=(1, 1), patch_size=2, level_skips=level_skips)
+    downsampling's output, with the stem skip the stem's, each with one block more at its level (Ho et al.)."""
+    model = UNet(base_channels=8, channel_mults=(1, 1), patch_size=2, level_skips=level_skips, stem_skip=stem_skip)
     assert [[b.conv1[0].num_channels for b in level.blocks] for level in model.up] == up_inputs
     x = torch.randn(2, 1, 28, 28)
     assert perturbed(model)(x, torch.tensor([3, 700])).shape == x.shape
+
+
+def test_the_stem_skip_carries_the_stem_across():
+    """With the stem skip, the last up block also reads the stem's output: with the down path's first block cut
+    (it outputs zeros), the image still reaches the output through that skip, and only through it."""
+    for stem_skip in (True, False):
+        model = perturbed(UNet(base_channels=8, channel_mults=(1, 1), patch_size=2, stem_skip=stem_skip))
+        model.down[0].blocks[0].forward = lambda h, emb: torch.zeros_like(h)
+        x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 700])
+        moved = (model(x, t) - model(x + torch.randn_like(x), t)).abs().max()
+        assert (moved > 1e-3) == stem_skip, moved
 
 
 @torch.no_grad()

@@ -81,6 +81,18 @@ def test_a_saved_model_without_a_field_had_the_value_of_its_time(field, then):
     assert model_config({"config": values}, "old.pth").to_dict()[field] == then  # format 2's flat dict
 
 
+@pytest.mark.parametrize("level_skips", [True, False])
+def test_a_saved_model_without_the_stem_skip_had_it_with_the_level_skips(level_skips):
+    """Before --stem-skip, the stem's skip came and went with --level-skips; before both, it was there."""
+    from diffusion.checkpoint import model_config
+    from diffusion.config import ModelConfig
+    values = ModelConfig(level_skips=level_skips).to_dict()
+    del values["stem_skip"]
+    assert model_config({"model_config": values}, "old.pth").stem_skip == level_skips
+    del values["level_skips"]
+    assert model_config({"model_config": values}, "old.pth").stem_skip is True
+
+
 def old_grid(work: Path):
     """The old code's sampler_timesteps, from its own samplers.py."""
     spec = importlib.util.spec_from_file_location(f"old_samplers_{work.name}", work / "code" / "diffusion" / "samplers.py")
