@@ -27,8 +27,7 @@ from diffusion.runtime import Precision, Runtime, resolve_device
 clock = time.perf_counter
 # what decides the speed of a step, besides the machine
 SPEED_FIELDS = ("image_size", "channels", "num_classes", "patch_size", "base_channels", "channel_mults",
-                "num_res_blocks", "attention_resolutions", "attention_heads", "level_skips",
-                "stem_skip")
+                "num_res_blocks", "attention_resolutions", "attention_heads", "level_skips", "stem_skip")
 
 
 def setup_runtime(cfg, model_cfg, model: torch.nn.Module, purpose: str, batch: int, *,

@@ -26,11 +26,14 @@ from diffusion.errors import UserError
 from diffusion.model import UNet, build_model
 
 LATEST = "latest"  # a text file holding the name of the newest checkpoint
-# 7: stem_skip; 6: attention_heads, level_skips; 5: prediction; 4: patch_size; 3: model_config apart from training settings;
-# 2: one flat config; 1: linear betas not scaled to T
+# 7: stem_skip; 6: attention_heads, level_skips; 5: prediction; 4: patch_size; 3: model_config apart from
+# training settings; 2: one flat config; 1: linear betas not scaled to T
 FORMAT = 7
 UNSAVED_DEFAULTS = {"patch_size": 1, "prediction": "eps", "schedule": "linear",  # what a model saved without them had
                     "attention_heads": 4, "level_skips": True}
+REQUIRED_KEYS = ("model", "ema", "epoch", "step")
+WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder
+MAX_CONFIG_BYTES = 100_000
 
 
 def with_unsaved_defaults(values: dict) -> dict:
@@ -38,9 +41,6 @@ def with_unsaved_defaults(values: dict) -> dict:
     skip came and went with the other level skips."""
     values = {**UNSAVED_DEFAULTS, **values}
     return {"stem_skip": values["level_skips"], **values}
-REQUIRED_KEYS = ("model", "ema", "epoch", "step")
-WEIGHTS, CONFIG = "model.safetensors", "config.json"  # an exported folder
-MAX_CONFIG_BYTES = 100_000
 
 
 def epoch_name(epoch: int) -> str:
