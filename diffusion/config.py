@@ -232,6 +232,9 @@ class TrainConfig(Checked):
                                 "N(-0.98, 1.2^2), EDM's choice for data of std 0.5 moved to MNIST's 0.62 in [-1, 1], "
                                 "or mixed, each step's t uniform or lognormal with even odds",
                                 choices=NOISE_LEVELS)
+    stratified_t: bool = setting(False, "draw each batch's t together, spread evenly over the noise levels, so every "
+                                 "step trains all of them (the loss keeps its expectation, with less noise); off, "
+                                 "each image's t is drawn on its own, as in Algorithm 1")
     min_snr_gamma: float = setting(0.0, "weigh each t's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
                                    "2023); 0 = the paper's unweighted L_simple", low=0, high=1e6)
     grad_clip: float = setting(1.0, "maximum gradient norm (0 = no clipping)", low=0, high=1e12)
@@ -313,7 +316,7 @@ class RuntimeConfig(Checked):
 # still win.
 PAPER = {"num_classes": 0, "schedule": "linear", "prediction": "eps", "patch_size": 1, "base_channels": 32,
          "channel_mults": (1, 2, 2), "attention_heads": 4, "level_skips": True, "stem_skip": True,
-         "noise_levels": "uniform", "lr": 2e-3,
+         "noise_levels": "uniform", "stratified_t": False, "lr": 2e-3,
          "epochs": 2}
 
 

@@ -150,14 +150,28 @@ def mix_with_uniform(probs: torch.Tensor, share: float) -> torch.Tensor:
     return (1 - share) / probs.numel() + share * probs
 
 
-def diffusion_loss(model: EpsModel, x0: torch.Tensor, s: Schedule, generator: torch.Generator | None = None,
-                   weights: torch.Tensor | None = None, t_probs: torch.Tensor | None = None):
-    """L_simple, Algorithm 1: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2, t uniform
-    or drawn from t_probs (T,); `weights` (T,) scales each image's squared error by weights[t] (None = L_simple)."""
+def draw_t(n: int, T: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+           t_probs: torch.Tensor | None = None, stratified: bool = False) -> torch.Tensor:
+    """n steps in 0..T-1, uniform or from t_probs (T,). Independent draws are Algorithm 1's. Stratified draws share
+    one uniform u and take the quantiles (u + i) / n, i < n, so every batch covers the distribution evenly (the
+    low-discrepancy sampler of Kingma et al. 2021). The images of a batch come in random order, so each image's t
+    still has the asked distribution and the loss its expectation; only the batch's spread of t is tied."""
+    if not stratified:
+        if t_probs is None:
+            return torch.randint(0, T, (n,), device=device, generator=generator)
+        return torch.multinomial(t_probs, n, replacement=True, generator=generator)
+    u = (torch.rand((), device=device, generator=generator) + torch.arange(n, device=device)) / n
     if t_probs is None:
-        t = torch.randint(0, s.T, (x0.shape[0],), device=x0.device, generator=generator)
-    else:
-        t = torch.multinomial(t_probs, x0.shape[0], replacement=True, generator=generator)
+        return (u * T).long().clamp_(max=T - 1)
+    return torch.searchsorted(torch.cumsum(t_probs, 0), u, right=True).clamp_(max=T - 1)
+
+
+def diffusion_loss(model: EpsModel, x0: torch.Tensor, s: Schedule, generator: torch.Generator | None = None,
+                   weights: torch.Tensor | None = None, t_probs: torch.Tensor | None = None, stratified: bool = False):
+    """L_simple, Algorithm 1: || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2, t uniform
+    or drawn from t_probs (T,), independently or stratified (draw_t); `weights` (T,) scales each image's squared
+    error by weights[t] (None = L_simple)."""
+    t = draw_t(x0.shape[0], s.T, generator, x0.device, t_probs, stratified)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     eps_pred = model(q_sample(x0, t, eps, s), t).float()
     if weights is None:

@@ -231,7 +231,8 @@ class TrainingRun:
         net = self.wrapped_model if len(x0) == cfg.train.batch_size // self.world else self.eager_model
         with self.runtime.autocast():
             loss = diffusion_loss(lambda xt, t: net(xt, t, y if cfg.model.num_classes else None),
-                                  x0, self.schedule, self.gen, self.loss_weights, self.t_probs)
+                                  x0, self.schedule, self.gen, self.loss_weights, self.t_probs,
+                                  cfg.train.stratified_t)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip:  # 0 means no clipping (clip_grad_norm_ would scale every gradient to zero)

@@ -223,6 +223,7 @@ def test_paper_sets_the_papers_ddpm_and_flags_beside_it_win():
     _, plain = parse_run([])
     assert (plain.model.patch_size, plain.model.num_classes, plain.model.schedule) == (2, 10, "cosine")
     assert (plain.model.base_channels, plain.model.channel_mults, plain.train.epochs) == (32, (1, 1), 5)
+    assert not plain.train.stratified_t and not cfg.train.stratified_t, "t as Algorithm 1 draws it"
 
 
 @pytest.mark.parametrize("levels,share", [("uniform", 0.0), ("lognormal", 1.0), ("mixed", 0.5)])

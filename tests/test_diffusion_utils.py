@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from diffusion.diffusion_utils import (diffusion_loss, lognormal_t_probs, make_schedule, min_snr_weights, mix_with_uniform,
-                                       preconditioning, predict_eps, predict_x0, q_posterior, q_sample, target_weights, values_at)
+from diffusion.diffusion_utils import (diffusion_loss, draw_t, lognormal_t_probs, make_schedule, min_snr_weights,
+                                       mix_with_uniform, preconditioning, predict_eps, predict_x0, q_posterior, q_sample,
+                                       target_weights, values_at)
 from diffusion.samplers import sample_ddpm
 
 F64 = torch.float64
@@ -264,3 +265,40 @@ def test_every_T_the_config_accepts_ends_in_noise(kind):
             assert s.alpha_bar[-1] <= MAX_FINAL_ALPHA_BAR, (kind, T, beta_end, s.alpha_bar[-1].item())
             accepted.append(T)
     assert 1000 in accepted and 50 in accepted
+
+
+@pytest.mark.parametrize("n,T", [(1000, 1000), (4, 1000), (7, 50)])
+def test_stratified_t_takes_the_i_th_from_the_i_th_of_n_equal_parts(n, T):
+    """t_i = floor((u + i) / n * T): with n = T that is every t once, in order, whatever u; else t_i lies in
+    [i T / n, (i + 1) T / n)."""
+    for seed in range(5):
+        t = draw_t(n, T, torch.Generator().manual_seed(seed), stratified=True)
+        i = torch.arange(n)
+        lowest, highest = i * T // n, -(-(i + 1) * T // n) - 1  # floor(i T / n), ceil((i + 1) T / n) - 1
+        assert ((lowest <= t) & (t <= highest)).all()
+        if n == T:
+            assert torch.equal(t, i)
+
+
+def test_stratified_t_keeps_each_draws_distribution_and_spreads_every_batch():
+    """Pooled over batches, the t follow t_probs (uniform, or skewed with a zero); within every batch of 100 each t
+    occurs within 1 of 100 P(t) times, where independent draws miss that by about sqrt(100 P (1 - P))."""
+    g = torch.Generator().manual_seed(0)
+    uniform = torch.cat([draw_t(4, 10, g, stratified=True) for _ in range(5000)])
+    assert torch.allclose(torch.bincount(uniform, minlength=10) / len(uniform), torch.full((10,), 0.1), atol=0.01)
+    probs = torch.tensor([0.1, 0.4, 0.0, 0.3, 0.2])
+    batches = [draw_t(100, 5, g, t_probs=probs, stratified=True) for _ in range(200)]
+    counts = torch.stack([torch.bincount(t, minlength=5) for t in batches]).float()
+    assert ((counts - 100 * probs).abs() <= 1).all() and counts[:, 2].sum() == 0
+    independent = torch.stack([torch.bincount(draw_t(100, 5, g, t_probs=probs), minlength=5) for _ in range(200)])
+    assert ((independent - 100 * probs).abs() > 1).any(dim=1).float().mean() > 0.5
+
+
+def test_the_loss_draws_stratified_t_when_asked():
+    s32 = make_schedule("cosine", 1000)
+    seen = []
+    spy = lambda xt, t: seen.append(t) or xt  # noqa: E731
+    diffusion_loss(spy, torch.zeros(8, 1, 2, 2), s32, torch.Generator().manual_seed(3), stratified=True)
+    diffusion_loss(spy, torch.zeros(8, 1, 2, 2), s32, torch.Generator().manual_seed(3))
+    assert torch.equal(seen[0] // 125, torch.arange(8)), "one t from each eighth of 0..999"
+    assert not torch.equal(seen[1] // 125, torch.arange(8)), "independent draws: Algorithm 1"

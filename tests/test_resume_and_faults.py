@@ -247,6 +247,23 @@ def test_min_snr_gamma_weighs_the_training_loss(data_root, tmp_path):
     assert weighted < 0.9 * plain
 
 
+@pytest.mark.parametrize("flags,stratified", [(("--stratified-t",), True), ((), False)])
+def test_a_training_step_draws_the_batchs_t_as_configured(data_root, tmp_path, flags, stratified):
+    """With --stratified-t the i-th of the batch's n images gets its t from the i-th of n equal parts of 0..T-1; by
+    default each t is drawn on its own (Algorithm 1), which lands them all in their parts almost never."""
+    run = train_module.TrainingRun(tiny_cfg(data_root, tmp_path, *flags))
+    seen, network = {}, run.model.network
+
+    def spy(x, t, y):
+        seen["t"] = t
+        return network(x, t, y)
+    run.model.network = spy
+    run.train_step(run.images[:64].float() / 127.5 - 1, run.labels[:64])
+    i, T = torch.arange(64), run.schedule.T
+    in_its_part = (i * T // 64 <= seen["t"]) & (seen["t"] < -(-(i + 1) * T // 64))
+    assert bool(in_its_part.all()) == stratified
+
+
 def test_v_prediction_trains_the_network_on_minus_v_with_unit_weight(data_root, tmp_path):
     """A spy on the U-Net's own output F: from what it was given (c_in x_t = x_t for v, and t) and the clean batch,
     the noise and v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 follow (Salimans & Ho 2022); the step's loss must
