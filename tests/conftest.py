@@ -79,6 +79,12 @@ def tiny_checkpoint(data_root, tmp_path_factory) -> Path:
     return work / "ck" / "epoch_001.pth"
 
 
+def each_in_its_part(t: torch.Tensor, T: int) -> torch.Tensor:
+    """Per i: whether t_i lies in the i-th of len(t) equal parts of 0..T-1, from floor(i T / n) to ceil((i + 1) T / n) - 1."""
+    i, n = torch.arange(len(t)), len(t)
+    return (i * T // n <= t) & (t < -(-(i + 1) * T // n))
+
+
 def assert_clean_error(res, needle: str, after_progress: bool = False) -> None:
     """One error line on stderr (after_progress: the last line, after progress bars of the work done)."""
     assert res.returncode == 2, (res.returncode, res.stderr)

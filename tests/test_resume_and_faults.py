@@ -13,7 +13,7 @@ import diffusion.train as train_module
 from diffusion.checkpoint import find_latest, load_checkpoint, resolve_checkpoint
 from diffusion.errors import UserError
 from diffusion.train import train
-from tests.conftest import ROOT, TINY, parse_args, run_cli
+from tests.conftest import ROOT, TINY, each_in_its_part, parse_args, run_cli
 
 
 def tiny_cfg(data_root, ckpt_dir, *extra):
@@ -259,9 +259,7 @@ def test_a_training_step_draws_the_batchs_t_as_configured(data_root, tmp_path, f
         return network(x, t, y)
     run.model.network = spy
     run.train_step(run.images[:64].float() / 127.5 - 1, run.labels[:64])
-    i, T = torch.arange(64), run.schedule.T
-    in_its_part = (i * T // 64 <= seen["t"]) & (seen["t"] < -(-(i + 1) * T // 64))
-    assert bool(in_its_part.all()) == stratified
+    assert bool(each_in_its_part(seen["t"], run.schedule.T).all()) == stratified
 
 
 def test_v_prediction_trains_the_network_on_minus_v_with_unit_weight(data_root, tmp_path):
